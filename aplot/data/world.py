@@ -1,0 +1,183 @@
+"""The embedded preference world: prompts with word constraints, a gold reward, and preference pairs.
+
+Everything here is offline and deterministic from a seed, so the whole pipeline can run and be
+checked on a laptop with no hub access.
+
+A prompt asks for a response of about `L` words that uses some required words and avoids one
+banned word:
+
+    Write 6 words using apple, river and stone. Do not use cloud.
+    Answer:
+
+The gold reward of any response text (garbage included) is
+
+    coverage(required) - 0.5 * [banned word used] - 0.1 * min(|#words - L|, 10)
+
+Pairs are tagged `hard` (the two responses are one word-edit apart, so the texts are similar and
+the gold gap is small) or `easy` (two independent responses with a large gold gap). `chosen` is
+the response with the higher gold reward; a `label_noise` fraction of training pairs is flipped.
+
+The out-of-distribution split (`test_ood`) shifts the prompts in two documented ways: it asks for
+4 required words instead of 3 (longer prompts, a count never seen in training), and it mixes
+required words from both halves of the vocabulary, while training and `test_id` draw all required
+words of a prompt from one half (constraint combinations never seen in training).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+CONTENT_WORDS = (
+    "apple river stone cloud tiger maple candle window garden silver "
+    "rocket violin desert harbor lemon forest pepper castle marble falcon "
+    "planet copper meadow anchor bottle cactus dragon ember glacier honey "
+    "island jungle kettle ladder mirror nectar orchid pillow quartz saddle"
+).split()
+FILLER_WORDS = "the a and of with near over under bright quiet".split()
+HALVES = (CONTENT_WORDS[:20], CONTENT_WORDS[20:])
+
+PROMPT_RE = re.compile(r"Write (\d+) words using ([a-z, ]+?)\. Do not use ([a-z]+)\.")
+WORD_RE = re.compile(r"[a-z]+")
+SPLITS = ("train", "test_id", "test_ood")
+
+
+@dataclass(frozen=True)
+class Constraints:
+    required: tuple[str, ...]
+    banned: str
+    length: int
+
+
+def format_prompt(c: Constraints) -> str:
+    words = ", ".join(c.required[:-1]) + " and " + c.required[-1]
+    return f"Write {c.length} words using {words}. Do not use {c.banned}.\nAnswer:"
+
+
+def parse_prompt(prompt: str) -> Constraints:
+    match = PROMPT_RE.search(prompt)
+    if match is None:
+        raise ValueError(f"not a prompt of the embedded world: {prompt[:80]!r}")
+    required = tuple(w for w in re.split(r", | and ", match.group(2)) if w)
+    return Constraints(required, match.group(3), int(match.group(1)))
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """The world's ground truth, defined for any response text."""
+    c = parse_prompt(prompt)
+    words = WORD_RE.findall(response.lower())
+    present = set(words)
+    coverage = sum(w in present for w in c.required) / len(c.required)
+    banned = 0.5 if c.banned in present else 0.0
+    return coverage - banned - 0.1 * min(abs(len(words) - c.length), 10)
+
+
+def sample_constraints(rng: random.Random, split: str) -> Constraints:
+    if split == "test_ood":
+        # Shifted: 4 required words drawn across both halves of the vocabulary.
+        required = rng.sample(HALVES[0], 2) + rng.sample(HALVES[1], 2)
+        rng.shuffle(required)
+    else:
+        required = rng.sample(rng.choice(HALVES), 3)
+    banned = rng.choice([w for w in CONTENT_WORDS if w not in required])
+    return Constraints(tuple(required), banned, rng.randint(4, 8))
+
+
+def sample_response(rng: random.Random, c: Constraints) -> list[str]:
+    """A response of mixed quality: each constraint is met or missed at random."""
+    length = max(1, c.length + rng.choice([0, 0, 0, -2, -1, 1, 2]))
+    others = [w for w in CONTENT_WORDS if w not in c.required and w != c.banned]
+    words = [w for w in c.required if rng.random() < 0.6]
+    if rng.random() < 0.25:
+        words.append(c.banned)
+    while len(words) < length:
+        words.append(rng.choice(others) if rng.random() < 0.6 else rng.choice(FILLER_WORDS))
+    words = words[:length]
+    rng.shuffle(words)
+    return words
+
+
+def edit_response(rng: random.Random, words: list[str], c: Constraints) -> list[str]:
+    """One small edit: substitute, insert or delete a single word."""
+    words = list(words)
+    pool = list(CONTENT_WORDS) + FILLER_WORDS + list(c.required) * 3 + [c.banned] * 2
+    op = rng.choice(["substitute", "substitute", "insert", "delete"])
+    if op == "delete" and len(words) > 1:
+        del words[rng.randrange(len(words))]
+    elif op == "insert":
+        words.insert(rng.randrange(len(words) + 1), rng.choice(pool))
+    else:
+        words[rng.randrange(len(words))] = rng.choice(pool)
+    return words
+
+
+def make_pair(rng: random.Random, prompt: str, c: Constraints, difficulty: str) -> dict | None:
+    a = sample_response(rng, c)
+    b = edit_response(rng, a, c) if difficulty == "hard" else sample_response(rng, c)
+    ra, rb = gold_reward(prompt, " ".join(a)), gold_reward(prompt, " ".join(b))
+    gap = abs(ra - rb)
+    if gap < 1e-9 or (difficulty == "hard" and gap > 0.55) or (difficulty == "easy" and gap < 0.6):
+        return None
+    chosen, rejected = (a, b) if ra > rb else (b, a)
+    return {
+        "prompt": prompt,
+        "chosen": " " + " ".join(chosen),
+        "rejected": " " + " ".join(rejected),
+        "difficulty": difficulty,
+        "gold_gap": round(gap, 6),
+    }
+
+
+def generate_split(split: str, n_pairs: int, seed: int, hard_fraction: float = 0.5,
+                   label_noise: float = 0.0) -> list[dict]:
+    """`n_pairs` preference pairs of one split; the same arguments always give the same rows."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; the embedded world has {', '.join(SPLITS)}")
+    rng = random.Random(f"aplot-world/{seed}/{split}")
+    rows: list[dict] = []
+    flipped: set[int] = set()
+    while len(rows) < n_pairs:
+        difficulty = "hard" if rng.random() < hard_fraction else "easy"
+        pair = None
+        while pair is None:  # resample until the drawn difficulty is met, so the mix stays as asked
+            c = sample_constraints(rng, split)
+            pair = make_pair(rng, format_prompt(c), c, difficulty)
+        rows.append(pair)
+    if label_noise > 0:
+        # Flip an exact, seeded subset so a 20 % noise run flips exactly 20 % of the pairs.
+        flipped = set(rng.sample(range(n_pairs), round(label_noise * n_pairs)))
+        for i in flipped:
+            rows[i]["chosen"], rows[i]["rejected"] = rows[i]["rejected"], rows[i]["chosen"]
+    for i, row in enumerate(rows):
+        row["label_flipped"] = i in flipped
+    return rows
+
+
+def corpus(seed: int, n: int = 2000) -> list[str]:
+    """Text of every kind the world produces, prompts of all splits included: the tokenizer's
+    training text (the world's vocabulary is fixed, so the OOD shift is in structure, not words)."""
+    texts = []
+    for split in SPLITS:
+        for row in generate_split(split, n // len(SPLITS), seed):
+            texts += [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+    return texts
+
+
+def build_tokenizer(seed: int = 0, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on the world's text, as a standard HF tokenizer.
+
+    Byte-level, so it encodes any text a policy may emit; trained offline in about a second.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[0], pad_token=special[1],
+                                   model_max_length=512)

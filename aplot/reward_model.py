@@ -1,0 +1,167 @@
+"""The shared reward-model module: build or load a reward model, read the hidden state its score
+head reads, and score (prompt, response) pairs in length-sorted batches. Used by every stage."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from trl.data_utils import _tokenize
+from aplot.errors import UserError
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+HEAD_NAMES = ("score", "classifier", "v_head")
+
+
+def has_weights(path: str) -> bool:
+    return any((Path(path) / name).exists() for name in WEIGHT_FILES)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    if path == "embedded":
+        from aplot.data.world import build_tokenizer
+
+        return build_tokenizer()
+    check_path(path, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: no usable tokenizer there ({str(err).splitlines()[0]})") from None
+
+
+def check_path(path: str, what: str) -> None:
+    """A path that is not a hub id (`owner/name`) must exist here: name it when it does not."""
+    if Path(path).expanduser().exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
+        return
+    raise UserError(f"{what} path does not exist: {path}")
+
+
+def build_reward_model(path: str, tokenizer, dtype: str | None = None,
+                       trust_remote_code: bool = False) -> PreTrainedModel:
+    """A sequence-classification model with one output: pretrained weights when `path` has them,
+    else freshly initialised from the `config.json` there (how the embedded tiny models start)."""
+    check_path(path, "model")
+    kwargs = {"num_labels": 1, "trust_remote_code": trust_remote_code}
+    if dtype not in (None, "auto"):
+        kwargs["dtype"] = getattr(torch, dtype)
+    if Path(path).is_dir() and not has_weights(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config.num_labels = 1
+        config.vocab_size = len(tokenizer)
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        model = AutoModelForSequenceClassification.from_config(config, dtype=kwargs.get("dtype"))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_reward_model(path: str, device: str | None = None, dtype: str | None = None,
+                      trust_remote_code: bool = False):
+    """A trained reward model and its tokenizer from a directory (a `make rm` output) or hub name."""
+    check_path(path, "reward model")
+    if Path(path).is_dir() and not has_weights(path):
+        raise UserError(f"{path}: no model weights (model.safetensors) in this directory")
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    model = build_reward_model(path, tokenizer, dtype, trust_remote_code)
+    score_head(model)  # fail now, not at the first batch, when there is no head to read
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return model, tokenizer
+
+
+def score_head(model) -> torch.nn.Module:
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise UserError(f"{type(model).__name__} has no score head (looked for {', '.join(HEAD_NAMES)})")
+
+
+class ScoreInputCapture:
+    """Keeps a reference to the tensor the score head reads on each forward, so APLOT gets its
+    hidden states from the same forward pass that produced the rewards (no second pass)."""
+
+    def __init__(self, model):
+        self.hidden = None
+        self.handle = score_head(model).register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, args):
+        self.hidden = args[0]
+
+    def pooled(self, input_ids, pad_token_id, position="last_token"):
+        """The per-sequence state the head scores: the last non-pad token (decoder models, the
+        same rule transformers uses to pool the logits) or the first token (encoder models)."""
+        hidden = self.hidden
+        if hidden.dim() == 2:  # the model pooled before its head (e.g. BERT-style poolers)
+            return hidden
+        if position == "first_token":
+            return hidden[:, 0]
+        if pad_token_id is None:
+            return hidden[:, -1]
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        last = (positions * (input_ids != pad_token_id)).argmax(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+
+    def remove(self):
+        self.handle.remove()
+
+
+class RewardScorer:
+    """Scores (prompt, response) texts with a reward model, in length-sorted batches.
+
+    Texts are formatted the way the trainer saw them (`prompt + response + eos`, or the chat
+    template for conversational data), and sorted by length so each batch pads little.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        self.device = next(model.parameters()).device
+
+    def encode(self, prompt, response) -> list[int]:
+        # Exactly the trainer's encoding (TRL's own tokenize step), so scores at evaluation and in
+        # later stages match what the model was trained on.
+        if isinstance(response, list):  # conversational: lists of messages
+            return _tokenize(self.tokenizer, list(prompt or []) + response)["input_ids"]
+        eos = self.tokenizer.eos_token or ""
+        text = (prompt or "") + response
+        return _tokenize(self.tokenizer, text if text.endswith(eos) else text + eos)["input_ids"]
+
+    @torch.no_grad()
+    def score(self, prompts, responses, return_hidden=False, progress=False, desc="scoring"):
+        ids = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        if self.max_length:
+            ids = [x[-self.max_length:] for x in ids]  # keep the end: the head reads the last token
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        rewards = torch.empty(len(ids))
+        hidden = None
+        capture = ScoreInputCapture(self.model) if return_hidden else None
+        pad = self.tokenizer.pad_token_id
+        try:
+            starts = range(0, len(order), self.batch_size)
+            for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+                batch = order[start:start + self.batch_size]
+                width = max(len(ids[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(input_ids)
+                for row, i in enumerate(batch):
+                    input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+                    mask[row, :len(ids[i])] = 1
+                input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+                out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                rewards[batch] = out.logits[:, 0].float().cpu()
+                if capture is not None:
+                    h = capture.pooled(input_ids, self.model.config.pad_token_id).float().cpu()
+                    if hidden is None:
+                        hidden = torch.empty(len(ids), h.shape[-1])
+                    hidden[batch] = h
+        finally:
+            if capture is not None:
+                capture.remove()
+        return (rewards, hidden) if return_hidden else rewards

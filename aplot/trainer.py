@@ -1,0 +1,100 @@
+"""APLOTRewardTrainer: TRL's RewardTrainer with the margin of `loss_type` in its loss.
+
+Only `compute_loss` changes. The hidden state the score head reads is captured by a hook during
+the one forward pass; under data parallelism rewards and hidden states are gathered (detached)
+so one transport plan is solved over the global batch and each rank keeps its slice of margins.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from trl import RewardTrainer
+
+from aplot import objective
+from aplot.config import APLOTConfig
+from aplot.reward_model import ScoreInputCapture
+
+
+class NonFiniteRewardError(RuntimeError):
+    pass
+
+
+class APLOTRewardTrainer(RewardTrainer):
+    def __init__(self, model, args: APLOTConfig, *trainer_args, **trainer_kwargs):
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self.score_input = ScoreInputCapture(self.accelerator.unwrap_model(self.model))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: APLOTConfig = self.args
+        mode = "train" if self.model.training else "eval"
+        dataset_margin = inputs.pop("margin", None)
+        outputs = model(**inputs, use_cache=False)
+        rewards = outputs.logits.squeeze(-1)
+        if not torch.isfinite(rewards).all():
+            raise NonFiniteRewardError(
+                f"non-finite reward at {mode} step {self.state.global_step}: stopping instead of "
+                "training on it (lower the learning rate, or use bf16 rather than fp16)")
+        chosen, rejected = rewards.chunk(2)
+
+        margin = None
+        if args.loss_type == "margin":
+            margin = dataset_margin if args.margin_value is None else torch.full_like(chosen, args.margin_value)
+            if margin is None:
+                raise ValueError("loss_type=margin needs margin_value or a `margin` column in the dataset")
+        elif args.loss_type in ("point", "aplot"):
+            hidden = self.score_input.pooled(inputs["input_ids"], self.score_input_pad_id, args.ot_hidden)
+            margin = self.adaptive_margin(chosen.detach(), rejected.detach(), *hidden.detach().chunk(2), mode)
+        loss = objective.preference_loss(chosen, rejected, margin,
+                                         args.label_smoothing if args.loss_type == "label_smoothing" else 0.0)
+        if args.center_rewards_coefficient is not None:
+            loss = loss + args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+
+        with torch.no_grad():
+            self.log_batch_metrics(mode, inputs, rewards, chosen, rejected, margin)
+        return (loss, outputs) if return_outputs else loss
+
+    @property
+    def score_input_pad_id(self):
+        return self.accelerator.unwrap_model(self.model).config.pad_token_id
+
+    def adaptive_margin(self, chosen, rejected, chosen_hidden, rejected_hidden, mode):
+        """The `point` or `aplot` margin of this rank's pairs, solved over the global batch."""
+        args: APLOTConfig = self.args
+        n_local, rank = chosen.shape[0], self.accelerator.process_index
+        gather = args.ot_scope == "global" and self.accelerator.num_processes > 1
+        if gather:  # accelerate pads the last batch, so every rank holds the same number of pairs
+            chosen, rejected, chosen_hidden, rejected_hidden = (
+                self.accelerator.gather(t.contiguous()) for t in (chosen, rejected, chosen_hidden, rejected_hidden))
+        start = time.perf_counter()
+        if args.loss_type == "aplot":
+            margin = objective.ot_margin(chosen, rejected, chosen_hidden, rejected_hidden, gamma=args.gamma,
+                                         epsilon=args.epsilon, n_iters=args.sinkhorn_iters,
+                                         scale=args.margin_scale)
+        else:
+            margin = objective.point_margin(chosen, rejected, chosen_hidden, rejected_hidden,
+                                            gamma=args.gamma, scale=args.margin_scale)
+        self._metrics[mode]["ot_solve_ms"].append((time.perf_counter() - start) * 1e3)
+        if gather:
+            margin = margin[rank * n_local:(rank + 1) * n_local]
+        return margin
+
+    def log_batch_metrics(self, mode, inputs, rewards, chosen, rejected, margin):
+        """TRL's reward statistics, plus the distribution of the margin actually applied."""
+        metrics, gather = self._metrics[mode], self.accelerator.gather_for_metrics
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+        metrics["num_tokens"] = [self._total_train_tokens]
+        all_rewards = gather(rewards.detach())
+        metrics["min_reward"].append(all_rewards.min().item())
+        metrics["mean_reward"].append(all_rewards.mean().item())
+        metrics["max_reward"].append(all_rewards.max().item())
+        metrics["accuracy"].append(gather((chosen > rejected).float()).mean().item())
+        metrics["margin"].append(gather((chosen - rejected).detach()).mean().item())
+        if margin is not None:
+            applied = gather(margin.detach().float())
+            metrics["loss_margin_mean"].append(applied.mean().item())
+            metrics["loss_margin_std"].append(applied.std(unbiased=False).item())
+            metrics["loss_margin_min"].append(applied.min().item())
+            metrics["loss_margin_max"].append(applied.max().item())

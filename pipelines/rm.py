@@ -1,0 +1,89 @@
+"""Stage 1, `make rm`: train a reward model with APLOTRewardTrainer, then evaluate it in and out of
+distribution. Writes the model (safetensors + tokenizer), metrics.json and training_curve.png.
+
+    python -m pipelines.rm --config recipes/rm/embedded.yaml [--key value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from aplot.errors import UserError
+
+
+def main(argv=None) -> dict:
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import get_peft_config
+
+    from aplot.config import parse_rm_recipe
+    from aplot.data import load_preference_splits
+    from aplot.evaluation import evaluate_pairs, format_table, plot_training_curve, write_json
+    from aplot.reward_model import RewardScorer, build_reward_model, load_tokenizer
+    from aplot.trainer import APLOTRewardTrainer
+
+    data_cfg, args, model_cfg = parse_rm_recipe(argv)
+    if not model_cfg.model_name_or_path:
+        raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
+    out = Path(args.output_dir)
+    check_writable(out)
+
+    tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path,
+                               args.trust_remote_code)
+    splits = load_preference_splits(data_cfg, [data_cfg.dataset_train_split, *data_cfg.eval_splits])
+    train = splits[data_cfg.dataset_train_split]
+    if args.loss_type == "margin" and args.margin_value is None and "margin" not in train.column_names:
+        raise UserError("loss_type=margin needs margin_value, or a `margin` column in the dataset")
+    if args.loss_type != "margin" and "margin" in train.column_names:
+        train = train.remove_columns("margin")  # TRL would otherwise add it to every loss
+    model = build_reward_model(model_cfg.model_name_or_path, tokenizer, model_cfg.dtype, args.trust_remote_code)
+
+    curve_split = data_cfg.eval_splits[0] if data_cfg.eval_splits else None
+    curve_set = None
+    if curve_split and args.eval_strategy != "no":
+        curve = splits[curve_split]
+        curve_set = curve.select(range(min(data_cfg.curve_eval_pairs, len(curve))))
+    trainer = APLOTRewardTrainer(model, args, train_dataset=train, eval_dataset=curve_set,
+                                 processing_class=tokenizer, peft_config=get_peft_config(model_cfg))
+
+    checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - start
+    trainer.save_model(str(out))
+
+    metrics = {"loss_type": args.loss_type, "train_seconds": round(train_seconds, 2),
+               "train_steps": trainer.state.global_step, "train_pairs": len(train), "eval": {}}
+    if trainer.accelerator.is_main_process:
+        scorer = RewardScorer(trainer.accelerator.unwrap_model(trainer.model).eval(), tokenizer,
+                              batch_size=args.per_device_eval_batch_size, max_length=args.max_length)
+        for name in data_cfg.eval_splits:
+            metrics["eval"][name] = evaluate_pairs(scorer, splits[name], desc=f"eval {name}")
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "log_history.json", trainer.state.log_history)
+        plot_training_curve(trainer.state.log_history, out / "training_curve.png",
+                            title=f"{args.loss_type} reward model: {out.name}")
+        print(format_table(metrics["eval"]))
+        print(f"trained {metrics['train_steps']} steps in {train_seconds:.0f} s; wrote {out}/ "
+              "(model.safetensors, metrics.json, training_curve.png)")
+    return metrics
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work when the output directory cannot be written."""
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"output directory is not writable: {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
