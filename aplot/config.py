@@ -33,7 +33,7 @@ class DataConfig:
     tokenizer_name_or_path: str | None = field(default=None, metadata={
         "help": "Tokenizer to use; defaults to the model's. 'embedded' trains the world's own tokenizer."})
     world_seed: int = field(default=0, metadata={"help": "Embedded world: seed of every split."})
-    n_train: int = field(default=20000, metadata={"help": "Embedded world: training pairs."})
+    n_train: int = field(default=40000, metadata={"help": "Embedded world: training pairs."})
     n_eval: int = field(default=1000, metadata={"help": "Embedded world: pairs per evaluation split."})
     hard_fraction: float = field(default=0.5, metadata={"help": "Embedded world: share of hard pairs."})
     label_noise: float = field(default=0.0, metadata={

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from trl.data_utils import _tokenize
-from aplot.errors import UserError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from trl.data_utils import _tokenize
+
+from aplot.errors import UserError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")

@@ -20,12 +20,13 @@ def main(argv=None) -> dict:
     from aplot.config import parse_rm_recipe
     from aplot.data import load_preference_splits
     from aplot.evaluation import evaluate_pairs, format_table, plot_training_curve, write_json
-    from aplot.reward_model import RewardScorer, build_reward_model, load_tokenizer
+    from aplot.reward_model import RewardScorer, build_reward_model, check_path, load_tokenizer
     from aplot.trainer import APLOTRewardTrainer
 
     data_cfg, args, model_cfg = parse_rm_recipe(argv)
     if not model_cfg.model_name_or_path:
         raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
+    check_path(model_cfg.model_name_or_path, "model")
     out = Path(args.output_dir)
     check_writable(out)
 

@@ -3,24 +3,26 @@
 Everything here is offline and deterministic from a seed, so the whole pipeline can run and be
 checked on a laptop with no hub access.
 
-A prompt asks for a response of about `L` words that uses some required words and avoids one
-banned word:
+A prompt asks for a response that uses some required words and avoids one banned word:
 
-    Write 6 words using apple, river and stone. Do not use cloud.
+    Write about apple, river and stone. Do not use cloud.
     Answer:
 
 The gold reward of any response text (garbage included) is
 
-    coverage(required) - 0.5 * [banned word used] - 0.1 * min(|#words - L|, 10)
+    coverage(required) - 0.5 * [banned word used]
 
 Pairs are tagged `hard` (the two responses are one word-edit apart, so the texts are similar and
 the gold gap is small) or `easy` (two independent responses with a large gold gap). `chosen` is
 the response with the higher gold reward; a `label_noise` fraction of training pairs is flipped.
 
-The out-of-distribution split (`test_ood`) shifts the prompts in two documented ways: it asks for
-4 required words instead of 3 (longer prompts, a count never seen in training), and it mixes
-required words from both halves of the vocabulary, while training and `test_id` draw all required
-words of a prompt from one half (constraint combinations never seen in training).
+The vocabulary has two halves ("topics"). Training and `test_id` prompts draw all their required
+words from one topic, so a model can score well in distribution by rewarding on-topic words instead
+of checking the constraint. The out-of-distribution split (`test_ood`) breaks that shortcut and
+shifts the prompts in two documented ways: it asks for 4 required words instead of 3 (longer
+prompts, a count never seen in training) and mixes required words from both topics (constraint
+combinations never seen in training). OOD accuracy thus measures whether a reward model learned
+the constraint itself.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ CONTENT_WORDS = (
 FILLER_WORDS = "the a and of with near over under bright quiet".split()
 HALVES = (CONTENT_WORDS[:20], CONTENT_WORDS[20:])
 
-PROMPT_RE = re.compile(r"Write (\d+) words using ([a-z, ]+?)\. Do not use ([a-z]+)\.")
+PROMPT_RE = re.compile(r"Write about ([a-z, ]+?)\. Do not use ([a-z]+)\.")
 WORD_RE = re.compile(r"[a-z]+")
 SPLITS = ("train", "test_id", "test_ood")
 
@@ -47,20 +49,19 @@ SPLITS = ("train", "test_id", "test_ood")
 class Constraints:
     required: tuple[str, ...]
     banned: str
-    length: int
 
 
 def format_prompt(c: Constraints) -> str:
     words = ", ".join(c.required[:-1]) + " and " + c.required[-1]
-    return f"Write {c.length} words using {words}. Do not use {c.banned}.\nAnswer:"
+    return f"Write about {words}. Do not use {c.banned}.\nAnswer:"
 
 
 def parse_prompt(prompt: str) -> Constraints:
     match = PROMPT_RE.search(prompt)
     if match is None:
         raise ValueError(f"not a prompt of the embedded world: {prompt[:80]!r}")
-    required = tuple(w for w in re.split(r", | and ", match.group(2)) if w)
-    return Constraints(required, match.group(3), int(match.group(1)))
+    required = tuple(w for w in re.split(r", | and ", match.group(1)) if w)
+    return Constraints(required, match.group(2))
 
 
 def gold_reward(prompt: str, response: str) -> float:
@@ -70,23 +71,23 @@ def gold_reward(prompt: str, response: str) -> float:
     present = set(words)
     coverage = sum(w in present for w in c.required) / len(c.required)
     banned = 0.5 if c.banned in present else 0.0
-    return coverage - banned - 0.1 * min(abs(len(words) - c.length), 10)
+    return coverage - banned
 
 
 def sample_constraints(rng: random.Random, split: str) -> Constraints:
-    if split == "test_ood":
-        # Shifted: 4 required words drawn across both halves of the vocabulary.
-        required = rng.sample(HALVES[0], 2) + rng.sample(HALVES[1], 2)
+    if split == "test_ood":  # 4 required words, from both topics
+        first = rng.randint(1, 3)
+        required = rng.sample(HALVES[0], first) + rng.sample(HALVES[1], 4 - first)
         rng.shuffle(required)
     else:
         required = rng.sample(rng.choice(HALVES), 3)
     banned = rng.choice([w for w in CONTENT_WORDS if w not in required])
-    return Constraints(tuple(required), banned, rng.randint(4, 8))
+    return Constraints(tuple(required), banned)
 
 
 def sample_response(rng: random.Random, c: Constraints) -> list[str]:
     """A response of mixed quality: each constraint is met or missed at random."""
-    length = max(1, c.length + rng.choice([0, 0, 0, -2, -1, 1, 2]))
+    length = rng.randint(4, 8)
     others = [w for w in CONTENT_WORDS if w not in c.required and w != c.banned]
     words = [w for w in c.required if rng.random() < 0.6]
     if rng.random() < 0.25:
@@ -165,19 +166,38 @@ def corpus(seed: int, n: int = 2000) -> list[str]:
 
 
 def build_tokenizer(seed: int = 0, vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on the world's text, as a standard HF tokenizer.
+    """A Qwen2 tokenizer (Qwen2's byte-level BPE pipeline) with merges learned from the world's text.
 
-    Byte-level, so it encodes any text a policy may emit; trained offline in about a second.
+    Byte-level, so it encodes any text a policy may emit; being a genuine `Qwen2Tokenizer`, it saves
+    and reloads through `AutoTokenizer` unchanged. Trained offline in about a second.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    import json
 
-    special = ["<|endoftext|>", "<|pad|>"]
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    special = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(seed), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[0], pad_token=special[1],
-                                   model_max_length=512)
+    bpe = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=bpe["vocab"], merges=merges, eos_token=special[0], pad_token=special[1],
+                               unk_token=None, model_max_length=512, extra_special_tokens=special[2:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# ChatML, as Qwen2.5 uses, so conversational data and chat policies work with the world's tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

@@ -1,0 +1,93 @@
+"""Benchmark: APLOT/BT training-step time on the embedded default, measured side by side in one run.
+
+Two trainers start from the same weights and take the same batches; their steps (forward,
+backward, optimizer) are interleaved, alternating which goes first, so machine noise hits both
+alike. Prints the median of the per-step time ratios with its interquartile range, and the OT
+solve's share of an APLOT step.
+
+    python -m benchmarks.step_time [--steps 60] [--batch 32] [--recipe recipes/rm/embedded.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+
+def quartiles(values):
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
+
+
+def main(argv=None):
+    from datasets import Dataset
+
+    from aplot.config import parse_rm_recipe
+    from aplot.data import load_preference_splits
+    from aplot.reward_model import build_reward_model, load_tokenizer
+    from aplot.trainer import APLOTRewardTrainer
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/rm/embedded.yaml")
+    parser.add_argument("--steps", type=int, default=60, help="measured steps per trainer")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32, help="pairs per step")
+    opts = parser.parse_args(argv)
+
+    n_pairs = opts.batch * (opts.steps + opts.warmup)
+    common = ["--config", opts.recipe, "--output_dir", "/tmp/aplot-bench-step", "--report_to", "none",
+              "--per_device_train_batch_size", str(opts.batch), "--n_train", str(n_pairs), "--disable_tqdm", "true"]
+    data_cfg, _, model_cfg = parse_rm_recipe(common)
+    tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path)
+    train = load_preference_splits(data_cfg, ["train"])["train"]
+    torch.manual_seed(0)
+    base = build_reward_model(model_cfg.model_name_or_path, tokenizer)
+
+    trainers = {}
+    for loss_type in ("bt", "aplot"):
+        _, args, _ = parse_rm_recipe(common + ["--loss_type", loss_type])
+        trainers[loss_type] = APLOTRewardTrainer(copy.deepcopy(base), args, train_dataset=Dataset.from_dict(
+            train.to_dict()), processing_class=tokenizer)
+        trainers[loss_type].create_optimizer_and_scheduler(num_training_steps=opts.steps + opts.warmup)
+    batches = list(trainers["bt"].get_train_dataloader())
+
+    times = {name: [] for name in trainers}
+    for step, batch in enumerate(batches):
+        order = list(trainers) if step % 2 == 0 else list(reversed(trainers))
+        for name in order:
+            trainer = trainers[name]
+            start = time.perf_counter()
+            trainer.training_step(trainer.model, dict(batch))
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+            trainer.optimizer.zero_grad()
+            if step >= opts.warmup:
+                times[name].append(time.perf_counter() - start)
+
+    ratios = [a / b for a, b in zip(times["aplot"], times["bt"])]
+    solve = trainers["aplot"]._metrics["train"]["ot_solve_ms"][opts.warmup:]
+    r_lo, r_med, r_hi = quartiles(ratios)
+    result = {
+        "steps": len(ratios), "pairs_per_step": opts.batch,
+        "bt_step_ms": statistics.median(times["bt"]) * 1e3,
+        "aplot_step_ms": statistics.median(times["aplot"]) * 1e3,
+        "aplot_over_bt": r_med, "aplot_over_bt_iqr": [r_lo, r_hi],
+        "ot_solve_ms": statistics.median(solve),
+        "ot_solve_share_of_aplot_step": statistics.median(solve) / (statistics.median(times["aplot"]) * 1e3),
+    }
+    print(f"BT step     {result['bt_step_ms']:7.1f} ms (median of {len(ratios)})")
+    print(f"APLOT step  {result['aplot_step_ms']:7.1f} ms")
+    print(f"APLOT/BT step-time ratio: {r_med:.3f} (interquartile {r_lo:.3f}-{r_hi:.3f}; target <= 1.05)")
+    print(f"OT solve: {result['ot_solve_ms']:.2f} ms, {100 * result['ot_solve_share_of_aplot_step']:.1f} % "
+          "of an APLOT step")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
