@@ -36,12 +36,12 @@ def main(argv=None):
     parser.add_argument("--recipe", default="recipes/rm/embedded.yaml")
     parser.add_argument("--steps", type=int, default=60, help="measured steps per trainer")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=32, help="pairs per step")
+    parser.add_argument("--batch", type=int, default=16, help="pairs per step (the embedded recipe: 16)")
     opts = parser.parse_args(argv)
 
     n_pairs = opts.batch * (opts.steps + opts.warmup)
     common = ["--config", opts.recipe, "--output_dir", "/tmp/aplot-bench-step", "--report_to", "none",
-              "--per_device_train_batch_size", str(opts.batch), "--n_train", str(n_pairs), "--disable_tqdm", "true"]
+              "--per_device_train_batch_size", str(opts.batch), "--n_train", str(n_pairs), "--disable_tqdm", "true", "--eval_strategy", "no"]
     data_cfg, _, model_cfg = parse_rm_recipe(common)
     tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path)
     train = load_preference_splits(data_cfg, ["train"])["train"]
@@ -54,6 +54,7 @@ def main(argv=None):
         trainers[loss_type] = APLOTRewardTrainer(copy.deepcopy(base), args, train_dataset=Dataset.from_dict(
             train.to_dict()), processing_class=tokenizer)
         trainers[loss_type].create_optimizer_and_scheduler(num_training_steps=opts.steps + opts.warmup)
+        trainers[loss_type].current_gradient_accumulation_steps = 1  # set by train(); we drive the steps
     batches = list(trainers["bt"].get_train_dataloader())
 
     times = {name: [] for name in trainers}
