@@ -1,12 +1,12 @@
 # aplot: three stages over one library. Every target installs the environment first if needed.
-#   make rm [RECIPE=recipes/rm/x.yaml] [ARGS="--key value ..."] [NPROC=2]
+#   make rm   [RECIPE=recipes/rm/x.yaml]   [ARGS="--key value ..."] [NPROC=2]
+#   make eval [RECIPE=recipes/eval/x.yaml] [ARGS="--reward_models dir1 dir2"]
 #   make test | make bench-step
 
 PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-RECIPE     ?= recipes/rm/embedded.yaml
 ARGS       ?=
 NPROC      ?= 1
 PYTEST_ARGS ?=
@@ -21,7 +21,11 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install rm test bench-step clean
+.PHONY: install rm eval test bench-step clean
+
+# Each stage has its own default recipe; RECIPE=... on the command line picks another.
+rm:   RECIPE ?= recipes/rm/embedded.yaml
+eval: RECIPE ?= recipes/eval/embedded.yaml
 
 install: $(VENV)/.installed
 
@@ -35,6 +39,9 @@ $(VENV)/.installed: pyproject.toml
 
 rm: install
 	$(LAUNCH) -m pipelines.rm --config $(RECIPE) $(ARGS)
+
+eval: install
+	$(PY) -m pipelines.eval --config $(RECIPE) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

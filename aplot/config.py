@@ -27,9 +27,21 @@ class DataConfig:
         "help": "'embedded' (the built-in synthetic world), a hub dataset name, or a local "
                 "json/jsonl/parquet/csv file or directory."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_format: str = field(default="explicit", metadata={
+        "help": "Layout of the rows: explicit, hh, conversational, ratings, multiple_choice or "
+                "pairwise_judgment (see aplot/data/formats.py)."})
+    dataset_columns: dict[str, str] | None = field(default=None, metadata={
+        "help": "Rename columns to the names the format expects, e.g. {prompt: question}."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    max_train_pairs: int | None = field(default=None, metadata={
+        "help": "Train on the first N pairs only (a subset of a large dataset)."})
     eval_splits: list[str] = field(default_factory=lambda: ["test_id", "test_ood"], metadata={
-        "help": "Splits to evaluate on after training (the first one is also evaluated during training)."})
+        "help": "Splits of the dataset to evaluate on (the first one is also evaluated during training)."})
+    eval_datasets: list[dict] | None = field(default=None, metadata={
+        "help": "Further eval sets from other sources: a list of {name, path, format[, config, split, "
+                "columns]}, e.g. HHH-Alignment and MT-Bench judgments."})
+    strict: bool = field(default=False, metadata={
+        "help": "Fail on the first bad row instead of dropping and counting it."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
         "help": "Tokenizer to use; defaults to the model's. 'embedded' trains the world's own tokenizer."})
     world_seed: int = field(default=0, metadata={"help": "Embedded world: seed of every split."})
@@ -47,6 +59,30 @@ class DataConfig:
         check_range("curve_eval_pairs", self.curve_eval_pairs, low=1)
         check_range("hard_fraction", self.hard_fraction, 0.0, 1.0)
         check_range("label_noise", self.label_noise, 0.0, 1.0)
+        if self.max_train_pairs is not None:
+            check_range("max_train_pairs", self.max_train_pairs, low=1)
+        from aplot.data.formats import FORMATS
+
+        if self.dataset_format not in FORMATS:
+            raise UserError(f"dataset_format {self.dataset_format!r} is not one of {', '.join(FORMATS)}"
+                            + did_you_mean(self.dataset_format, FORMATS))
+        for i, spec in enumerate(self.eval_datasets or []):
+            if not isinstance(spec, dict) or not {"name", "path"} <= spec.keys():
+                raise UserError(f"eval_datasets[{i}] needs at least a name and a path, got {spec!r}")
+            unknown = set(spec) - {"name", "path", "format", "config", "split", "columns"}
+            if unknown:
+                raise UserError(f"eval_datasets[{i}]: unknown key {sorted(unknown)[0]!r}")
+            if spec.get("format", "explicit") not in FORMATS:
+                raise UserError(f"eval_datasets[{i}]: format {spec['format']!r} is not one of {', '.join(FORMATS)}")
+
+    def eval_sources(self) -> dict[str, dict]:
+        """Every eval set by name: the dataset's own `eval_splits`, then `eval_datasets`."""
+        own = {"path": self.dataset_name, "config": self.dataset_config, "format": self.dataset_format,
+               "columns": self.dataset_columns}
+        sources = {split: {**own, "split": split} for split in self.eval_splits}
+        for spec in self.eval_datasets or []:
+            sources[spec["name"]] = {"format": "explicit", "config": None, "split": "train", "columns": None, **spec}
+        return sources
 
 
 @dataclass

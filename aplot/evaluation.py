@@ -1,4 +1,5 @@
-"""Reward-model evaluation on preference pairs, the training-curve plot, and atomic output files."""
+"""Reward-model evaluation on preference pairs: accuracy (overall, per subset, on hard pairs),
+separation and calibration of the rewards, the plots people look at, and atomic output files."""
 
 from __future__ import annotations
 
@@ -7,41 +8,108 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.stats import rankdata, wasserstein_distance
+
+ECE_BINS = 10
 
 
-def evaluate_pairs(scorer, dataset, desc="eval") -> dict:
-    """Accuracy (overall and per `difficulty` tag) and mean reward margin r+ - r- on a pair dataset."""
+def evaluate_pairs(scorer, dataset, desc="eval") -> tuple[dict, dict]:
+    """Metrics of one eval set, and the rewards behind them ({"chosen": [...], "rejected": [...]}).
+
+    Hard pairs are those tagged `difficulty: hard`; untagged data takes the quarter of pairs whose
+    chosen and rejected hidden states are most similar (cosine), the pairs APLOT's cost calls hard.
+    """
     n = len(dataset)
     prompts = list(dataset["prompt"]) if "prompt" in dataset.column_names else [None] * n
+    ids = scorer.encode_all(prompts + prompts, list(dataset["chosen"]) + list(dataset["rejected"]))
+    truncated = sum(max(len(ids[i]), len(ids[n + i])) > (scorer.max_length or float("inf")) for i in range(n))
     # Chosen and rejected are scored in one call so length-sorting batches them together.
-    rewards = scorer.score(prompts + prompts, list(dataset["chosen"]) + list(dataset["rejected"]),
-                           progress=True, desc=desc)
+    rewards, hidden = scorer.score_ids(ids, return_hidden=True, progress=True, desc=desc)
     chosen, rejected = rewards[:n], rewards[n:]
-    metrics = summarize(chosen, rejected)
+    metrics = {**summarize(chosen, rejected), "truncated": truncated}
+
     if "difficulty" in dataset.column_names:
-        tags = dataset["difficulty"]
-        for tag in sorted(set(tags)):
-            keep = torch.tensor([t == tag for t in tags])
-            metrics[tag] = summarize(chosen[keep], rejected[keep])
-    return metrics
+        metrics["hard_pairs"] = "difficulty tag"
+        tags = np.array(dataset["difficulty"])
+    else:
+        metrics["hard_pairs"] = "top quartile of chosen/rejected hidden-state cosine similarity"
+        cosine = torch.nn.functional.cosine_similarity(hidden[:n], hidden[n:], dim=-1).numpy()
+        tags = np.where(cosine >= np.quantile(cosine, 0.75), "hard", "other") if n else np.array([])
+    for tag in sorted(set(tags)):
+        keep = torch.from_numpy(tags == tag)
+        metrics[tag] = summarize(chosen[keep], rejected[keep])
+    if "subset" in dataset.column_names:
+        subsets = np.array(dataset["subset"])
+        metrics["subsets"] = {name: summarize(chosen[torch.from_numpy(subsets == name)],
+                                              rejected[torch.from_numpy(subsets == name)])
+                              for name in sorted(set(subsets))}
+    return metrics, {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+
+
+def evaluate_reward_models(scorers: dict, eval_sets: dict) -> tuple[dict, dict]:
+    """Every scorer on every eval set: ({model: {set: metrics}}, {model: {set: rewards}})."""
+    results, rewards = {}, {}
+    for model, scorer in scorers.items():
+        results[model], rewards[model] = {}, {}
+        for name, (dataset, _) in eval_sets.items():
+            results[model][name], rewards[model][name] = evaluate_pairs(scorer, dataset, desc=f"{model} | {name}")
+    return results, rewards
 
 
 def summarize(chosen, rejected) -> dict:
-    diff = chosen - rejected
-    return {"n": len(diff), "accuracy": (diff > 0).float().mean().item(),
-            "mean_reward_margin": diff.mean().item()}
+    """Accuracy, mean margin, separation (AUC, 1-D Wasserstein) and calibration (ECE) of a pair set."""
+    if len(chosen) == 0:
+        return {"n": 0}
+    diff = (chosen - rejected).double()
+    return {"n": len(diff), "accuracy": (diff > 0).double().mean().item(),
+            "mean_reward_margin": diff.mean().item(), "auc": auc(chosen, rejected),
+            "wasserstein": float(wasserstein_distance(chosen.numpy(), rejected.numpy())),
+            "ece": expected_calibration_error(diff)}
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """A fixed-width table: one row per eval set, accuracy overall and per difficulty."""
-    tags = sorted({k for m in results.values() for k, v in m.items() if isinstance(v, dict)})
-    header = f"{'eval set':<12}{'pairs':>7}{'accuracy':>10}" + "".join(f"{t + ' acc':>11}" for t in tags) \
-        + f"{'margin':>9}"
+def auc(chosen, rejected) -> float:
+    """P(a chosen reward beats a rejected one), over all chosen x rejected pairs (Mann-Whitney U)."""
+    ranks = rankdata(np.concatenate([chosen.numpy(), rejected.numpy()]))
+    n_c, n_r = len(chosen), len(rejected)
+    return float((ranks[:n_c].sum() - n_c * (n_c + 1) / 2) / (n_c * n_r))
+
+
+def expected_calibration_error(diff) -> float:
+    """ECE of the Bradley-Terry probability sigmoid(r+ - r-) that the chosen response wins: bins of
+    the confidence in the predicted winner against how often that winner is right."""
+    p = torch.sigmoid(diff)
+    confidence = torch.maximum(p, 1 - p)
+    correct = (diff > 0).double()
+    bins = torch.clamp(((confidence - 0.5) * 2 * ECE_BINS).long(), max=ECE_BINS - 1)
+    ece = 0.0
+    for b in range(ECE_BINS):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.double().mean().item() * abs(correct[in_bin].mean().item() - confidence[in_bin].mean().item())
+    return ece
+
+
+COLUMNS = (("pairs", "n", "{:>7}"), ("acc", "accuracy", "{:>7.3f}"), ("hard", None, "{:>7.3f}"),
+           ("margin", "mean_reward_margin", "{:>8.3f}"), ("AUC", "auc", "{:>7.3f}"), ("W1", "wasserstein", "{:>7.3f}"),
+           ("ECE", "ece", "{:>7.3f}"))
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+    """A fixed-width table, one row per model and eval set: {model: {eval set: metrics}}."""
+    width = max([len(m) for m in results] + [5])
+    sets = max([len(s) for r in results.values() for s in r] + [8])
+    header = f"{'model':<{width}}  {'eval set':<{sets}}" + "".join(f"{c[0]:>{len(c[2].format(0))}}"
+                                                                    for c in COLUMNS)
     lines = [header, "-" * len(header)]
-    for name, m in results.items():
-        cells = "".join(f"{m[t]['accuracy']:>11.3f}" if t in m else f"{'-':>11}" for t in tags)
-        lines.append(f"{name:<12}{m['n']:>7}{m['accuracy']:>10.3f}{cells}{m['mean_reward_margin']:>9.3f}")
+    for model, per_set in results.items():
+        for name, m in per_set.items():
+            cells = []
+            for _, key, fmt in COLUMNS:
+                value = m.get("hard", {}).get("accuracy") if key is None else m.get(key)
+                cells.append(fmt.format(value) if value is not None else f"{'-':>{len(fmt.format(0))}}")
+            lines.append(f"{model:<{width}}  {name:<{sets}}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -92,4 +160,35 @@ def plot_training_curve(log_history: list[dict], path, title="") -> None:
     fig.suptitle(title)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png"))
+    plt.close(fig)
+
+
+def plot_reward_distributions(rewards: dict[str, dict[str, dict]], path) -> None:
+    """The paper's Figure 1: chosen and rejected reward histograms, one panel per eval set (rows)
+    and reward model (columns), so models can be compared side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(rewards)
+    sets = list(dict.fromkeys(name for per_set in rewards.values() for name in per_set))
+    fig, axes = plt.subplots(len(sets), len(models), figsize=(4 * len(models), 2.8 * len(sets)), squeeze=False)
+    for col, model in enumerate(models):
+        for row, name in enumerate(sets):
+            ax = axes[row][col]
+            r = rewards[model].get(name)
+            if r is None:
+                ax.set_visible(False)
+                continue
+            values = np.concatenate([r["chosen"], r["rejected"]])
+            bins = np.linspace(values.min(), values.max(), 40) if len(values) and values.min() < values.max() else 10
+            ax.hist(r["chosen"], bins=bins, alpha=0.6, color="tab:green", label="chosen")
+            ax.hist(r["rejected"], bins=bins, alpha=0.6, color="tab:red", label="rejected")
+            ax.set_title(f"{model} | {name}", fontsize=9)
+            ax.set_xlabel("reward")
+            if col == 0 and row == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=Path(path).suffix[1:] or "png"))
     plt.close(fig)

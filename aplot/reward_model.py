@@ -113,33 +113,58 @@ class ScoreInputCapture:
         self.handle.remove()
 
 
+def truncate(ids: list[int], max_length: int | None) -> list[int]:
+    """Keep the last `max_length` tokens: a decoder's score head reads the end of the sequence."""
+    return ids[-max_length:] if max_length and len(ids) > max_length else ids
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int | None):
+    """`chosen_ids`/`rejected_ids` for TRL's RewardTrainer, encoded exactly as the scorer encodes and
+    truncated rather than dropped; returns the dataset and how many pairs were truncated."""
+    scorer = RewardScorer(None, tokenizer, max_length=max_length)
+    prompts = dataset["prompt"] if "prompt" in dataset.column_names else [None] * len(dataset)
+    chosen = scorer.encode_all(prompts, dataset["chosen"])
+    rejected = scorer.encode_all(prompts, dataset["rejected"])
+    limit = max_length or float("inf")
+    long = sum(max(len(c), len(r)) > limit for c, r in zip(chosen, rejected))
+    dataset = dataset.add_column("chosen_ids", [truncate(x, max_length) for x in chosen])
+    return dataset.add_column("rejected_ids", [truncate(x, max_length) for x in rejected]), long
+
+
 class RewardScorer:
     """Scores (prompt, response) texts with a reward model, in length-sorted batches.
 
-    Texts are formatted the way the trainer saw them (`prompt + response + eos`, or the chat
-    template for conversational data), and sorted by length so each batch pads little.
+    Texts are encoded exactly as the trainer encodes them (TRL's tokenize step: `prompt + response
+    + eos`, or the chat template for conversational data), truncated to the last `max_length`
+    tokens, and sorted by length so each batch pads little.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
-        self.device = next(model.parameters()).device
 
     def encode(self, prompt, response) -> list[int]:
-        # Exactly the trainer's encoding (TRL's own tokenize step), so scores at evaluation and in
-        # later stages match what the model was trained on.
-        if isinstance(response, list):  # conversational: lists of messages
-            return _tokenize(self.tokenizer, list(prompt or []) + response)["input_ids"]
-        eos = self.tokenizer.eos_token or ""
-        text = (prompt or "") + response
-        return _tokenize(self.tokenizer, text if text.endswith(eos) else text + eos)["input_ids"]
+        return self.encode_all([prompt], [response])[0]
+
+    def encode_all(self, prompts, responses) -> list[list[int]]:
+        if all(isinstance(r, str) for r in responses):
+            # Standard data: `prompt + response + eos` in one batched call (the fast tokenizer
+            # runs it in Rust), the same ids TRL's per-row tokenize step gives.
+            eos = self.tokenizer.eos_token or ""
+            texts = [(p or "") + r for p, r in zip(prompts, responses)]
+            return self.tokenizer([t if t.endswith(eos) else t + eos for t in texts])["input_ids"] if texts else []
+        # Conversational: lists of messages through the tokenizer's chat template.
+        return [_tokenize(self.tokenizer, list(p or []) + r)["input_ids"] for p, r in zip(prompts, responses)]
+
+    def score(self, prompts, responses, return_hidden=False, progress=False, desc="scoring"):
+        return self.score_ids(self.encode_all(prompts, responses), return_hidden, progress, desc)
 
     @torch.no_grad()
-    def score(self, prompts, responses, return_hidden=False, progress=False, desc="scoring"):
-        ids = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        if self.max_length:
-            ids = [x[-self.max_length:] for x in ids]  # keep the end: the head reads the last token
+    def score_ids(self, ids, return_hidden=False, progress=False, desc="scoring"):
+        """Rewards of encoded sequences (and the hidden states the score head read, if asked)."""
+        ids = [truncate(x, self.max_length) for x in ids]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        device = next(self.model.parameters()).device
         rewards = torch.empty(len(ids))
         hidden = None
         capture = ScoreInputCapture(self.model) if return_hidden else None
@@ -154,7 +179,7 @@ class RewardScorer:
                 for row, i in enumerate(batch):
                     input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
                     mask[row, :len(ids[i])] = 1
-                input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+                input_ids, mask = input_ids.to(device), mask.to(device)
                 out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 rewards[batch] = out.logits[:, 0].float().cpu()
                 if capture is not None:

@@ -28,7 +28,7 @@ def main(argv=None):
     from datasets import Dataset
 
     from aplot.config import parse_rm_recipe
-    from aplot.data import load_preference_splits
+    from aplot.data import load_train
     from aplot.reward_model import build_reward_model, load_tokenizer
     from aplot.trainer import APLOTRewardTrainer
 
@@ -41,10 +41,11 @@ def main(argv=None):
 
     n_pairs = opts.batch * (opts.steps + opts.warmup)
     common = ["--config", opts.recipe, "--output_dir", "/tmp/aplot-bench-step", "--report_to", "none",
-              "--per_device_train_batch_size", str(opts.batch), "--n_train", str(n_pairs), "--disable_tqdm", "true", "--eval_strategy", "no"]
+              "--per_device_train_batch_size", str(opts.batch), "--n_train", str(n_pairs), "--disable_tqdm", "true",
+              "--eval_strategy", "no"]
     data_cfg, _, model_cfg = parse_rm_recipe(common)
     tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path)
-    train = load_preference_splits(data_cfg, ["train"])["train"]
+    train, _ = load_train(data_cfg)
     torch.manual_seed(0)
     base = build_reward_model(model_cfg.model_name_or_path, tokenizer)
 

@@ -1,11 +1,13 @@
 """Stage 1, `make rm`: train a reward model with APLOTRewardTrainer, then evaluate it in and out of
-distribution. Writes the model (safetensors + tokenizer), metrics.json and training_curve.png.
+distribution. Writes the model (safetensors + tokenizer), metrics.json, training_curve.png and
+reward_distributions.png.
 
     python -m pipelines.rm --config recipes/rm/embedded.yaml [--key value ...]
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,9 +20,15 @@ def main(argv=None) -> dict:
     from trl import get_peft_config
 
     from aplot.config import parse_rm_recipe
-    from aplot.data import load_preference_splits
-    from aplot.evaluation import evaluate_pairs, format_table, plot_training_curve, write_json
-    from aplot.reward_model import RewardScorer, build_reward_model, check_path, load_tokenizer
+    from aplot.data import load_eval_sets, load_train
+    from aplot.evaluation import (
+        evaluate_reward_models,
+        format_table,
+        plot_reward_distributions,
+        plot_training_curve,
+        write_json,
+    )
+    from aplot.reward_model import RewardScorer, build_reward_model, check_path, load_tokenizer, tokenize_pairs
     from aplot.trainer import APLOTRewardTrainer
 
     data_cfg, args, model_cfg = parse_rm_recipe(argv)
@@ -30,21 +38,26 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     check_writable(out)
 
+    # Everything that can fail on bad input happens before training starts.
     tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path,
                                args.trust_remote_code)
-    splits = load_preference_splits(data_cfg, [data_cfg.dataset_train_split, *data_cfg.eval_splits])
-    train = splits[data_cfg.dataset_train_split]
+    train, train_counts = load_train(data_cfg)
+    eval_sets = load_eval_sets(data_cfg)
+    if len(train) == 0:
+        raise UserError(f"{data_cfg.dataset_name}: no usable training pairs ({train_counts})")
     if args.loss_type == "margin" and args.margin_value is None and "margin" not in train.column_names:
         raise UserError("loss_type=margin needs margin_value, or a `margin` column in the dataset")
     if args.loss_type != "margin" and "margin" in train.column_names:
         train = train.remove_columns("margin")  # TRL would otherwise add it to every loss
+    train, train_counts["truncated"] = tokenize_pairs(train, tokenizer, args.max_length)
     model = build_reward_model(model_cfg.model_name_or_path, tokenizer, model_cfg.dtype, args.trust_remote_code)
 
-    curve_split = data_cfg.eval_splits[0] if data_cfg.eval_splits else None
     curve_set = None
-    if curve_split and args.eval_strategy != "no":
-        curve = splits[curve_split]
-        curve_set = curve.select(range(min(data_cfg.curve_eval_pairs, len(curve))))
+    if eval_sets and args.eval_strategy != "no":
+        first, _ = next(iter(eval_sets.values()))
+        curve_set = first.select(range(min(data_cfg.curve_eval_pairs, len(first))))
+        curve_set, _ = tokenize_pairs(curve_set.remove_columns(
+            [c for c in ("margin",) if c in curve_set.column_names]), tokenizer, args.max_length)
     trainer = APLOTRewardTrainer(model, args, train_dataset=train, eval_dataset=curve_set,
                                  processing_class=tokenizer, peft_config=get_peft_config(model_cfg))
 
@@ -57,27 +70,28 @@ def main(argv=None) -> dict:
     trainer.save_model(str(out))
 
     metrics = {"loss_type": args.loss_type, "train_seconds": round(train_seconds, 2),
-               "train_steps": trainer.state.global_step, "train_pairs": len(train), "eval": {}}
+               "train_steps": trainer.state.global_step, "train_pairs": len(train),
+               "data": {"train": train_counts, **{name: counts for name, (_, counts) in eval_sets.items()}}}
     if trainer.accelerator.is_main_process:
         scorer = RewardScorer(trainer.accelerator.unwrap_model(trainer.model).eval(), tokenizer,
                               batch_size=args.per_device_eval_batch_size, max_length=args.max_length)
-        for name in data_cfg.eval_splits:
-            metrics["eval"][name] = evaluate_pairs(scorer, splits[name], desc=f"eval {name}")
+        results, rewards = evaluate_reward_models({out.name: scorer}, eval_sets)
+        metrics["eval"] = results[out.name]
         write_json(out / "metrics.json", metrics)
         write_json(out / "log_history.json", trainer.state.log_history)
         plot_training_curve(trainer.state.log_history, out / "training_curve.png",
                             title=f"{args.loss_type} reward model: {out.name}")
-        print(format_table(metrics["eval"]))
+        if rewards[out.name]:
+            plot_reward_distributions(rewards, out / "reward_distributions.png")
+        print(format_table(results))
         print(f"trained {metrics['train_steps']} steps in {train_seconds:.0f} s; wrote {out}/ "
-              "(model.safetensors, metrics.json, training_curve.png)")
+              "(model.safetensors, metrics.json, training_curve.png, reward_distributions.png)")
     return metrics
 
 
 def check_writable(out: Path) -> None:
     """Fail before any work when the output directory cannot be written."""
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    import os
-
     if not os.access(probe, os.W_OK):
         raise UserError(f"output directory is not writable: {out}")
 

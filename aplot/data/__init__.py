@@ -1,4 +1,5 @@
-"""Preference data: the one loader every stage uses, returning (prompt, chosen, rejected[, ...]) splits."""
+"""Preference data: the one loader every stage uses, returning (prompt, chosen, rejected[, ...]) pairs
+with a count of every row read, kept and dropped (by reason)."""
 
 from __future__ import annotations
 
@@ -6,43 +7,66 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from aplot.data.formats import to_preference
 from aplot.errors import UserError
 
-REQUIRED_COLUMNS = ("chosen", "rejected")
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_preference_splits(data_cfg, splits) -> dict[str, Dataset]:
-    """The requested splits of the recipe's dataset, each with `chosen`, `rejected` (and `prompt`)."""
-    if data_cfg.dataset_name == "embedded":
-        return {split: embedded_split(data_cfg, split) for split in splits}
-    return {split: load_split(data_cfg.dataset_name, data_cfg.dataset_config, split) for split in splits}
+def load_train(data_cfg) -> tuple[Dataset, dict]:
+    """The training pairs of a recipe, cut to `max_train_pairs` when set."""
+    source = {"path": data_cfg.dataset_name, "config": data_cfg.dataset_config, "split": data_cfg.dataset_train_split,
+              "format": data_cfg.dataset_format, "columns": data_cfg.dataset_columns}
+    pairs, counts = load_source(source, data_cfg, train=True)
+    if data_cfg.max_train_pairs is not None and len(pairs) > data_cfg.max_train_pairs:
+        counts["beyond_max_train_pairs"] = len(pairs) - data_cfg.max_train_pairs
+        pairs = pairs.select(range(data_cfg.max_train_pairs))
+    return pairs, counts
 
 
-def embedded_split(data_cfg, split: str) -> Dataset:
+def load_eval_sets(data_cfg) -> dict[str, tuple[Dataset, dict]]:
+    return {name: load_source(source, data_cfg) for name, source in data_cfg.eval_sources().items()}
+
+
+def load_source(source: dict, data_cfg, train: bool = False) -> tuple[Dataset, dict]:
+    """One split of one dataset as preference pairs, and the counts of what happened to its rows."""
+    if source["path"] == "embedded":
+        pairs = embedded_split(data_cfg, source["split"], train)
+        return pairs, {"rows_read": len(pairs), "kept": len(pairs), "dropped": {}, "pairs": len(pairs)}
+    raw, label = load_raw(source["path"], source.get("config"), source["split"])
+    return to_preference(raw, source["format"], source=label, columns=source.get("columns"),
+                         strict=data_cfg.strict)
+
+
+def embedded_split(data_cfg, split: str, train: bool = False) -> Dataset:
     from aplot.data import world
 
     if split not in world.SPLITS:
         raise UserError(f"the embedded world has no split {split!r}; it has {', '.join(world.SPLITS)}")
-    train = split == "train"
     rows = world.generate_split(split, data_cfg.n_train if train else data_cfg.n_eval, data_cfg.world_seed,
                                 data_cfg.hard_fraction, data_cfg.label_noise if train else 0.0)
     return Dataset.from_list(rows)
 
 
-def load_split(name: str, config: str | None, split: str) -> Dataset:
-    path = Path(name)
+def load_raw(name: str, config: str | None, split: str) -> tuple[Dataset, str]:
+    """Rows of a local file (the whole file, whatever the split), a local dataset directory or a hub
+    dataset; the label names it in messages."""
+    path = Path(name).expanduser()
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
             raise UserError(f"dataset file does not exist: {name}")
-        dataset = load_dataset(FILE_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
+        if path.stat().st_size == 0:
+            raise UserError(f"{name}: the file is empty")
+        label, args = name, (FILE_FORMATS[path.suffix],)
+        kwargs = {"data_files": str(path), "split": "train"}
     elif path.is_dir():
-        dataset = load_dataset(str(path), config, split=split)
+        label, args, kwargs = f"{name}[{split}]", (str(path), config), {"split": split}
     elif name.startswith((".", "/", "~")) or path.suffix:
         raise UserError(f"dataset path does not exist: {name}")
     else:
-        dataset = load_dataset(name, config, split=split)
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
-    if missing:
-        raise UserError(f"{name}: missing column {missing[0]!r}; columns are {', '.join(dataset.column_names)}")
-    return dataset
+        label, args, kwargs = f"{name}[{split}]", (name, config), {"split": split}
+    try:
+        return load_dataset(*args, **kwargs), label
+    except Exception as err:  # datasets raises many types; the user needs the name and the first line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{label}: could not be loaded ({reason})") from None

@@ -1,0 +1,64 @@
+"""`make eval`: evaluate one or more trained reward models on a recipe's eval sets, side by side.
+Writes metrics.json and reward_distributions.png to `output_dir` and prints a table.
+
+    python -m pipelines.eval --config recipes/eval/embedded.yaml [--reward_models a b ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aplot.errors import UserError
+
+
+@dataclass
+class EvalConfig:
+    """Which reward models to evaluate, and how."""
+
+    reward_models: list[str] = field(default_factory=list, metadata={
+        "help": "Reward-model directories (outputs of `make rm`) or hub ids."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Where metrics and plots go."})
+    batch_size: int = field(default=64, metadata={"help": "Sequences per scoring batch."})
+    max_length: int | None = field(default=None, metadata={"help": "Keep the last N tokens of longer texts."})
+    dtype: str | None = field(default=None, metadata={"help": "Load the models in this dtype (bfloat16, ...)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+
+
+def main(argv=None) -> dict:
+    from aplot.config import DataConfig, RecipeParser, check_range
+    from aplot.data import load_eval_sets
+    from aplot.evaluation import evaluate_reward_models, format_table, plot_reward_distributions, write_json
+    from aplot.reward_model import RewardScorer, check_path, load_reward_model
+
+    data_cfg, cfg = RecipeParser((DataConfig, EvalConfig)).parse_recipe(argv)
+    if not cfg.reward_models:
+        raise UserError("reward_models is empty: name at least one reward-model directory")
+    check_range("batch_size", cfg.batch_size, low=1)
+    for path in cfg.reward_models:
+        check_path(path, "reward model")
+    eval_sets = load_eval_sets(data_cfg)
+
+    scorers = {}
+    for path in cfg.reward_models:
+        model, tokenizer = load_reward_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        scorers[Path(path).name or path] = RewardScorer(model, tokenizer, cfg.batch_size, cfg.max_length)
+    results, rewards = evaluate_reward_models(scorers, eval_sets)
+
+    out = Path(cfg.output_dir)
+    metrics = {"models": results, "reward_models": cfg.reward_models,
+               "data": {name: counts for name, (_, counts) in eval_sets.items()}}
+    write_json(out / "metrics.json", metrics)
+    plot_reward_distributions(rewards, out / "reward_distributions.png")
+    print(format_table(results))
+    print(f"wrote {out}/metrics.json and {out}/reward_distributions.png")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
