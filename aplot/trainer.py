@@ -14,6 +14,7 @@ from trl import RewardTrainer
 
 from aplot import objective
 from aplot.config import APLOTConfig
+from aplot.errors import UserError
 from aplot.reward_model import ScoreInputCapture
 
 
@@ -45,7 +46,7 @@ class APLOTRewardTrainer(RewardTrainer):
         if args.loss_type == "margin":
             margin = dataset_margin if args.margin_value is None else torch.full_like(chosen, args.margin_value)
             if margin is None:
-                raise ValueError("loss_type=margin needs margin_value or a `margin` column in the dataset")
+                raise UserError("loss_type=margin needs margin_value or a `margin` column in the dataset")
         elif args.loss_type in ("point", "aplot"):
             hidden = self.score_input.pooled(inputs["input_ids"], self.pad_token_id, args.ot_hidden)
             margin = self.adaptive_margin(chosen.detach(), rejected.detach(), *hidden.detach().chunk(2), mode)

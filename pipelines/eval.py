@@ -6,11 +6,10 @@ Writes metrics.json and reward_distributions.png to `output_dir` and prints a ta
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aplot.errors import UserError
+from aplot.errors import UserError, run_pipeline
 
 
 @dataclass
@@ -57,8 +56,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_pipeline(main)

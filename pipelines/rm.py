@@ -8,11 +8,10 @@ reward_distributions.png.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
-from aplot.errors import UserError
+from aplot.errors import UserError, run_pipeline
 
 
 def main(argv=None) -> dict:
@@ -97,8 +96,4 @@ def check_writable(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_pipeline(main)
