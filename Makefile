@@ -1,6 +1,7 @@
 # aplot: three stages over one library. Every target installs the environment first if needed.
 #   make rm   [RECIPE=recipes/rm/x.yaml]   [ARGS="--key value ..."] [NPROC=2]
 #   make eval [RECIPE=recipes/eval/x.yaml] [ARGS="--reward_models dir1 dir2"]
+#   make bon  [RECIPE=recipes/bon/x.yaml]  [ARGS="--n_samples 16 --backend transformers"]
 #   make test | make bench-step
 
 PYTHON     ?= python3
@@ -21,11 +22,20 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install rm eval test bench-step clean
+.PHONY: install install-vllm rm eval bon test bench-step clean
 
 # Each stage has its own default recipe; RECIPE=... on the command line picks another.
 rm:   RECIPE ?= recipes/rm/embedded.yaml
 eval: RECIPE ?= recipes/eval/embedded.yaml
+bon:  RECIPE ?= recipes/bon/embedded.yaml
+
+# The embedded Best-of-N compares the bt and aplot reward models of the embedded default: train
+# them first when the default recipe is used and they are not there yet.
+EMBEDDED_RMS := outputs/rm/embedded-aplot/model.safetensors outputs/rm/embedded-bt/model.safetensors
+outputs/rm/embedded-aplot/model.safetensors: | install
+	$(PY) -m pipelines.rm --config recipes/rm/embedded.yaml
+outputs/rm/embedded-bt/model.safetensors: | install
+	$(PY) -m pipelines.rm --config recipes/rm/embedded.yaml --loss_type bt --output_dir outputs/rm/embedded-bt
 
 install: $(VENV)/.installed
 
@@ -42,6 +52,9 @@ rm: install
 
 eval: install
 	$(PY) -m pipelines.eval --config $(RECIPE) $(ARGS)
+
+bon: install $(if $(RECIPE),,$(EMBEDDED_RMS))
+	$(PY) -m pipelines.bon --config $(RECIPE) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

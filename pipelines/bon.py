@@ -1,0 +1,224 @@
+"""Stage 2, `make bon`: sample N responses per prompt from a policy, score them with one or more
+proxy reward models and a gold reward, and report gold reward against the Best-of-N KL.
+Writes samples.jsonl and scores.jsonl (resumable caches), bon_table.csv/json, bon.png and
+metrics.json to `output_dir`.
+
+    python -m pipelines.bon --config recipes/bon/embedded.yaml [--key value ...]
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aplot.errors import UserError, run_pipeline
+
+
+@dataclass
+class BonConfig:
+    """The Best-of-N stage: policy, prompts, sampling, scorers."""
+
+    policy_name_or_path: str = field(default="embedded", metadata={
+        "help": "Policy model directory or hub id; 'embedded' trains (or reuses) the tiny world policy."})
+    embedded_policy_dir: str = field(default="outputs/policy/embedded", metadata={
+        "help": "Where the embedded policy is trained and reused."})
+    reward_models: list[str] = field(default_factory=list, metadata={
+        "help": "Proxy reward models (directories of `make rm`), each named by its directory."})
+    gold: str = field(default="embedded", metadata={
+        "help": "'embedded' (the world's gold function) or a sequence-classification reward model."})
+    prompt_dataset: str = field(default="embedded", metadata={
+        "help": "Where prompts come from: 'embedded' or a dataset (hub name or local file) as in rm recipes."})
+    prompt_config: str | None = field(default=None, metadata={"help": "Hub configuration of prompt_dataset."})
+    prompt_split: str = field(default="test_id", metadata={"help": "Split of prompt_dataset."})
+    prompt_format: str = field(default="explicit", metadata={"help": "Format of prompt_dataset (rm recipes)."})
+    prompt_columns: dict[str, str] | None = field(default=None, metadata={"help": "Column mapping."})
+    n_prompts: int = field(default=64, metadata={"help": "Distinct prompts to sample for."})
+    world_seed: int = field(default=0, metadata={"help": "Embedded world seed (prompts)."})
+    n_samples: int = field(default=64, metadata={"help": "N: samples per prompt (a power of two)."})
+    backend: str = field(default="vllm", metadata={"help": "'vllm' or 'transformers' (the reference)."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size."})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM context length."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Longest response in tokens."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed: same recipe, seed and backend, same samples."})
+    chunk_prompts: int = field(default=16, metadata={"help": "Prompts per sampling chunk (cache granularity)."})
+    score_batch_size: int = field(default=128, metadata={"help": "Sequences per scoring batch."})
+    max_length: int | None = field(default=None, metadata={"help": "Scorers keep the last N tokens."})
+    dtype: str | None = field(default=None, metadata={"help": "dtype for the policy and scorers."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    output_dir: str = field(default="outputs/bon/embedded", metadata={"help": "Where results go."})
+
+    def __post_init__(self):
+        from aplot.config import check_range
+
+        for key in ("n_prompts", "n_samples", "chunk_prompts", "score_batch_size", "max_new_tokens",
+                    "tensor_parallel_size"):
+            check_range(key, getattr(self, key), low=1)
+        if self.n_samples & (self.n_samples - 1):
+            raise UserError(f"n_samples must be a power of two (the table reports n = 1, 2, 4, ...), "
+                            f"got {self.n_samples}")
+        check_range("temperature", self.temperature, low=0.0, low_open=True)
+        check_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        if self.backend not in ("vllm", "transformers"):
+            raise UserError(f"backend {self.backend!r} is not one of vllm, transformers")
+        if not self.reward_models:
+            raise UserError("reward_models is empty: name at least one proxy reward model")
+
+
+def load_prompts(cfg: BonConfig) -> list:
+    """Distinct prompts, in dataset order: strings, or message lists for conversational data."""
+    from aplot.data import load_source
+    from aplot.data.world import generate_split
+
+    if cfg.prompt_dataset == "embedded":
+        rows = generate_split(cfg.prompt_split, 4 * cfg.n_prompts, cfg.world_seed)
+        prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    else:
+        from aplot.config import DataConfig
+
+        source = {"path": cfg.prompt_dataset, "config": cfg.prompt_config, "split": cfg.prompt_split,
+                  "format": cfg.prompt_format, "columns": cfg.prompt_columns}
+        pairs, _ = load_source(source, DataConfig())
+        seen, prompts = set(), []
+        for p in pairs["prompt"]:
+            key = repr(p)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(p)
+    if len(prompts) < cfg.n_prompts:
+        raise UserError(f"{cfg.prompt_dataset}: only {len(prompts)} distinct prompts, n_prompts is {cfg.n_prompts}")
+    return prompts[:cfg.n_prompts]
+
+
+def main(argv=None) -> dict:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from aplot import bon
+    from aplot.config import RecipeParser
+    from aplot.evaluation import write_atomic, write_json
+    from aplot.reward_model import RewardScorer, check_path, load_reward_model
+
+    (cfg,) = RecipeParser((BonConfig,)).parse_recipe(argv)
+    for path in cfg.reward_models + ([cfg.gold] if cfg.gold != "embedded" else []):
+        check_path(path, "reward model")
+    out = Path(cfg.output_dir)
+    prompts = load_prompts(cfg)
+
+    policy = cfg.policy_name_or_path
+    if policy == "embedded":
+        from aplot.policy import ensure_embedded_policy
+
+        policy = ensure_embedded_policy(cfg.embedded_policy_dir, seed=cfg.world_seed)
+    check_path(policy, "policy")
+
+    # 1. Samples, cached per (prompt, sample index); the settings that made them are recorded.
+    params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
+    settings = {"policy": str(policy), "backend": cfg.backend, "n_samples": cfg.n_samples, "seed": cfg.seed,
+                "prompts": bon.settings_hash({"prompts": [repr(p) for p in prompts]}), **params}
+    samples = bon.JsonlCache(out / "samples.jsonl", ("prompt_index", "sample_index"), settings)
+    todo = [i for i in range(len(prompts)) if any((i, j) not in samples for j in range(cfg.n_samples))]
+    if todo:
+        sampler = (bon.VLLMSampler(policy, cfg.dtype, cfg.tensor_parallel_size, cfg.max_model_len,
+                                   cfg.trust_remote_code) if cfg.backend == "vllm"
+                   else bon.TransformersSampler(policy, cfg.dtype, trust_remote_code=cfg.trust_remote_code))
+        texts = policy_inputs(policy, prompts, cfg.trust_remote_code)
+        for start in tqdm(range(0, len(todo), cfg.chunk_prompts), desc=f"sampling ({cfg.backend})"):
+            chunk = todo[start:start + cfg.chunk_prompts]
+            responses = sampler.sample([texts[i] for i in chunk], chunk, cfg.n_samples, params, cfg.seed)
+            samples.append([{"prompt_index": i, "sample_index": j, "response": r}
+                            for i, rs in zip(chunk, responses) for j, r in enumerate(rs)])
+        del sampler
+
+    # 2. Scores of every sample by every proxy and the gold, cached per (scorer, prompt, sample).
+    scores = bon.JsonlCache(out / "scores.jsonl", ("scorer", "prompt_index", "sample_index"),
+                            {"samples": bon.settings_hash(settings), "max_length": cfg.max_length,
+                             "reward_models": cfg.reward_models, "gold": cfg.gold})
+    keys = [(i, j) for i in range(len(prompts)) for j in range(cfg.n_samples)]
+    scorers = {Path(p).name: p for p in cfg.reward_models}
+    scorers["gold"] = cfg.gold
+    for name, path in scorers.items():
+        missing = [k for k in keys if (name, *k) not in scores]
+        if not missing:
+            continue
+        responses = [samples.rows[k]["response"] for k in missing]
+        if path == "embedded":
+            from aplot.data.world import gold_reward
+
+            values = [gold_reward(prompts[i], r) for (i, _), r in zip(missing, responses)]
+            scores.append([{"scorer": name, "prompt_index": i, "sample_index": j, "score": v}
+                           for (i, j), v in zip(missing, values)])
+            continue
+        model, tokenizer = load_reward_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        scorer = RewardScorer(model, tokenizer, cfg.score_batch_size, cfg.max_length)
+        for start in tqdm(range(0, len(missing), 1024), desc=f"scoring with {name}"):
+            part = missing[start:start + 1024]
+            rs = responses[start:start + 1024]
+            values = scorer.score([prompts[i] for i, _ in part], [as_response(prompts[i], r)
+                                                                   for (i, _), r in zip(part, rs)])
+            scores.append([{"scorer": name, "prompt_index": i, "sample_index": j, "score": float(v)}
+                           for (i, j), v in zip(part, values)])
+
+    # 3. The exact Best-of-N estimate for n = 1, 2, 4, ... N.
+    def matrix(name):
+        return np.array([[scores.rows[(name, i, j)]["score"] for j in range(cfg.n_samples)]
+                         for i in range(len(prompts))])
+
+    gold = matrix("gold")
+    ns = bon.powers_of_two(cfg.n_samples)
+    table = []
+    for name in scorers:
+        if name == "gold":
+            continue
+        estimate = bon.best_of_n(matrix(name), gold, ns)
+        g1, p1 = estimate[1]
+        table += [{"proxy": name, "n": n, "kl": bon.kl_best_of_n(n), "gold": g, "proxy_score": p,
+                   "gold_normalized": g - g1, "proxy_normalized": p - p1} for n, (g, p) in estimate.items()]
+    oracle = bon.best_of_n(gold, gold, ns)  # the ceiling: picking by the gold reward itself
+
+    write_json(out / "bon_table.json", table)
+    write_atomic(out / "bon_table.csv", lambda tmp: Path(tmp).write_text(to_csv(table)))
+    bon.plot_gold_vs_kl(table, out / "bon.png")
+    report_ns = [n for n in (1, 4, 16, 64) if n <= cfg.n_samples]
+    metrics = {"n_prompts": len(prompts), "n_samples": cfg.n_samples, "backend": cfg.backend, "policy": str(policy),
+               "gold_at_n": {r["proxy"]: {} for r in table}, "oracle_gold_at_n": {n: oracle[n][0] for n in report_ns}}
+    for r in table:
+        if r["n"] in report_ns:
+            metrics["gold_at_n"][r["proxy"]][r["n"]] = r["gold"]
+    write_json(out / "metrics.json", metrics)
+    print(f"{'proxy':<20}" + "".join(f"{'gold@' + str(n):>10}" for n in report_ns))
+    for name, by_n in metrics["gold_at_n"].items():
+        print(f"{name:<20}" + "".join(f"{by_n[n]:>10.3f}" for n in report_ns))
+    print(f"{'(gold itself)':<20}" + "".join(f"{metrics['oracle_gold_at_n'][n]:>10.3f}" for n in report_ns))
+    print(f"wrote {out}/ (bon_table.csv, bon_table.json, bon.png, metrics.json)")
+    return metrics
+
+
+def policy_inputs(policy, prompts, trust_remote_code=False) -> list[str]:
+    """What the policy is prompted with: the text itself, or conversations through its chat template."""
+    if all(isinstance(p, str) for p in prompts):
+        return prompts
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=trust_remote_code)
+    return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+
+
+def as_response(prompt, text):
+    """A sampled text in the prompt's format, for the scorers."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    run_pipeline(main)
