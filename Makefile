@@ -2,6 +2,8 @@
 #   make rm   [RECIPE=recipes/rm/x.yaml]   [ARGS="--key value ..."] [NPROC=2]
 #   make eval [RECIPE=recipes/eval/x.yaml] [ARGS="--reward_models dir1 dir2"]
 #   make bon  [RECIPE=recipes/bon/x.yaml]  [ARGS="--n_samples 16 --backend transformers"]
+#   make ppo  [RECIPE=recipes/ppo/x.yaml]  [ARGS="--reward_model_path outputs/rm/embedded-bt"]
+#   make demo: rm (bt and aplot), bon, ppo (bt and aplot) on the embedded default, then a summary
 #   make test | make bench-step
 
 PYTHON     ?= python3
@@ -24,12 +26,13 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install rm eval bon test bench-step clean
+.PHONY: install rm eval bon ppo demo test bench-step clean
 
 # Each stage has its own default recipe; RECIPE=... on the command line picks another.
 rm:   RECIPE ?= recipes/rm/embedded.yaml
 eval: RECIPE ?= recipes/eval/embedded.yaml
 bon:  RECIPE ?= recipes/bon/embedded.yaml
+ppo:  RECIPE ?= recipes/ppo/embedded.yaml
 
 # The embedded Best-of-N compares the bt and aplot reward models of the embedded default: train
 # them first when the default recipe is used and they are not there yet.
@@ -61,6 +64,18 @@ eval: install
 
 bon: install $(if $(RECIPE),,$(EMBEDDED_RMS))
 	$(PY) -m pipelines.bon --config $(RECIPE) $(ARGS)
+
+# PPO on the embedded default optimises the policy against the aplot reward model of `make rm`.
+ppo: install $(if $(RECIPE),,outputs/rm/embedded-aplot/model.safetensors)
+	$(LAUNCH) -m pipelines.ppo --config $(RECIPE) $(ARGS)
+
+# The three stages on the embedded default, each reusing what the one before it left in outputs/.
+demo: install $(EMBEDDED_RMS)
+	$(PY) -m pipelines.bon --config recipes/bon/embedded.yaml
+	$(PY) -m pipelines.ppo --config recipes/ppo/embedded.yaml --reward_model_path outputs/rm/embedded-bt \
+		--output_dir outputs/ppo/embedded-bt
+	$(PY) -m pipelines.ppo --config recipes/ppo/embedded.yaml
+	$(PY) -m pipelines.summary
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

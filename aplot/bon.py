@@ -193,3 +193,8 @@ def plot_gold_vs_kl(table: list[dict], path) -> None:
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png"))
     plt.close(fig)
+
+
+def as_response(prompt, text):
+    """A sampled text in the prompt's format, for the scorers."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text

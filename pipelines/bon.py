@@ -13,6 +13,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aplot.bon import as_response
 from aplot.errors import UserError, run_pipeline
 
 
@@ -69,28 +70,10 @@ class BonConfig:
 
 
 def load_prompts(cfg: BonConfig) -> list:
-    """Distinct prompts, in dataset order: strings, or message lists for conversational data."""
-    from aplot.data import load_source
-    from aplot.data.world import generate_split
+    from aplot.data import load_prompts as load
 
-    if cfg.prompt_dataset == "embedded":
-        rows = generate_split(cfg.prompt_split, 4 * cfg.n_prompts, cfg.world_seed)
-        prompts = list(dict.fromkeys(r["prompt"] for r in rows))
-    else:
-        from aplot.config import DataConfig
-
-        source = {"path": cfg.prompt_dataset, "config": cfg.prompt_config, "split": cfg.prompt_split,
-                  "format": cfg.prompt_format, "columns": cfg.prompt_columns}
-        pairs, _ = load_source(source, DataConfig())
-        seen, prompts = set(), []
-        for p in pairs["prompt"]:
-            key = repr(p)
-            if key not in seen:
-                seen.add(key)
-                prompts.append(p)
-    if len(prompts) < cfg.n_prompts:
-        raise UserError(f"{cfg.prompt_dataset}: only {len(prompts)} distinct prompts, n_prompts is {cfg.n_prompts}")
-    return prompts[:cfg.n_prompts]
+    return load(cfg.prompt_dataset, cfg.prompt_split, cfg.n_prompts, cfg.prompt_format, cfg.prompt_config,
+                cfg.prompt_columns, cfg.world_seed)
 
 
 def main(argv=None) -> dict:
@@ -205,11 +188,6 @@ def policy_inputs(policy, prompts, trust_remote_code=False) -> list[str]:
 
     tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=trust_remote_code)
     return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-
-
-def as_response(prompt, text):
-    """A sampled text in the prompt's format, for the scorers."""
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -74,22 +74,6 @@ def test_cache_refuses_other_settings(tmp_path):
         bon.JsonlCache(tmp_path / "c.jsonl", ("i",), {"temperature": 0.7})
 
 
-@pytest.fixture(scope="module")
-def embedded_rms(tmp_path_factory):
-    """Two tiny reward models trained for a few steps (bt and aplot) and a small policy."""
-    from aplot.policy import ensure_embedded_policy
-    from pipelines import rm
-    from tests.conftest import tiny_rm_argv
-
-    root = tmp_path_factory.mktemp("bon")
-    paths = []
-    for loss_type in ("bt", "aplot"):
-        rm.main(tiny_rm_argv(root / loss_type, "--loss_type", loss_type, "--eval_strategy", "no"))
-        paths.append(str(root / loss_type))
-    policy = ensure_embedded_policy(str(root / "policy"), n_examples=512, batch_size=32)
-    return paths, policy
-
-
 def bon_recipe(tmp_path, embedded_rms, **keys):
     rms, policy = embedded_rms
     recipe = {"policy_name_or_path": policy, "reward_models": rms, "gold": "embedded", "n_prompts": 6,

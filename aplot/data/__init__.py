@@ -70,3 +70,26 @@ def load_raw(name: str, config: str | None, split: str) -> tuple[Dataset, str]:
     except Exception as err:  # datasets raises many types; the user needs the name and the first line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{label}: could not be loaded ({reason})") from None
+
+
+def load_prompts(path: str, split: str, n: int, fmt: str = "explicit", config: str | None = None,
+                 columns: dict | None = None, world_seed: int = 0) -> list:
+    """The first `n` distinct prompts of a split, in dataset order: strings, or message lists for
+    conversational data. Used by the Best-of-N and PPO stages."""
+    if path == "embedded":
+        from aplot.data.world import generate_split
+
+        prompts = list(dict.fromkeys(r["prompt"] for r in generate_split(split, 4 * n, world_seed)))
+    else:
+        from aplot.config import DataConfig
+
+        source = {"path": path, "config": config, "split": split, "format": fmt, "columns": columns}
+        pairs, _ = load_source(source, DataConfig())
+        seen, prompts = set(), []
+        for p in pairs["prompt"]:
+            if repr(p) not in seen:
+                seen.add(repr(p))
+                prompts.append(p)
+    if len(prompts) < n:
+        raise UserError(f"{path}: only {len(prompts)} distinct prompts in split {split!r}, {n} asked for")
+    return prompts[:n]

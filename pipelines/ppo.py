@@ -1,0 +1,167 @@
+"""Stage 3, `make ppo`: optimise a policy with TRL's PPO against a trained reward model, measuring gold
+reward, proxy reward and KL to the reference as it goes. Writes the policy (safetensors + tokenizer),
+metrics.json, gold_curve.json and gold_vs_kl.png to `output_dir`.
+
+    python -m pipelines.ppo --config recipes/ppo/embedded.yaml [--key value ...]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from aplot.errors import UserError, run_pipeline
+
+
+def main(argv=None) -> dict:
+    from aplot.config import RecipeParser
+    from aplot.ppo import APLOTPPOConfig
+
+    (args,) = RecipeParser((APLOTPPOConfig,)).parse_recipe(argv)
+    return run(args)
+
+
+def run(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from aplot.data import load_prompts
+    from aplot.evaluation import write_json
+    from aplot.ppo import GoldEvaluation, RetokenizedReward, load_trainer_class, plot_gold_vs_kl_curve, same_tokenizer
+    from aplot.reward_model import RewardScorer, check_path, load_reward_model, load_tokenizer
+    from pipelines.rm import check_writable
+
+    out = Path(args.output_dir)
+    check_writable(out)
+    for path, what in ((args.reward_model_path, "reward model"), (args.gold, "gold reward model"),
+                       (args.value_model_path, "value model")):
+        if path not in (None, "embedded"):
+            check_path(path, what)
+    prompts = load_prompts(args.prompt_dataset, args.prompt_split, args.n_prompts, args.prompt_format,
+                           args.prompt_config, args.prompt_columns, args.world_seed)
+    eval_prompts = load_prompts(args.prompt_dataset, args.eval_prompt_split, args.n_eval_prompts, args.prompt_format,
+                                args.prompt_config, args.prompt_columns, args.world_seed)
+
+    # Every model and tokenizer is loaded, and the pair checked, before the first update.
+    policy_path = args.sft_model_path
+    if policy_path == "embedded":
+        from aplot.policy import ensure_embedded_policy
+
+        policy_path = ensure_embedded_policy(args.embedded_policy_dir, seed=args.world_seed)
+    check_path(policy_path, "policy")
+    tokenizer = load_tokenizer(policy_path, args.trust_remote_code)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # PPO finds the end of each response by its padding, so padding must not look like eos.
+        raise UserError(f"{policy_path}: the tokenizer needs a pad token distinct from eos for PPO")
+    tokenizer.padding_side = "left"
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model_path, device="cpu", dtype=args.dtype,
+                                                       trust_remote_code=args.trust_remote_code)
+    mismatch = same_tokenizer(tokenizer, reward_tokenizer)
+    if mismatch and not args.retokenize_rewards:
+        raise UserError(f"policy {policy_path} and reward model {args.reward_model_path} have different tokenizers "
+                        f"({mismatch}): PPO would score token ids the reward model reads differently; set "
+                        "retokenize_rewards: true to decode and re-encode, or use a reward model trained with the "
+                        "policy's tokenizer")
+    proxy = RewardScorer(reward_model, reward_tokenizer, args.score_batch_size, args.score_max_length)
+    gold = args.gold
+    if gold != "embedded":
+        gold_model, gold_tokenizer = load_reward_model(gold, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        gold = RewardScorer(gold_model, gold_tokenizer, args.score_batch_size, args.score_max_length)
+
+    query_ids, counts = encode_prompts(tokenizer, prompts, args.max_prompt_length)
+    eval_ids, _ = encode_prompts(tokenizer, eval_prompts, None)
+    train = Dataset.from_dict({"input_ids": [q for q in query_ids if q is not None]})
+    if len(train) < args.per_device_train_batch_size * args.gradient_accumulation_steps:
+        raise UserError(f"only {len(train)} training prompts (after max_prompt_length), fewer than one PPO batch")
+
+    # Resume: the newest complete checkpoint of this output_dir holds the policy, the value model, the
+    # optimizer and scheduler state and the gold history of the interrupted run.
+    checkpoint = last_complete_checkpoint(out) if args.resume else None
+    done, history = 0, []
+    if checkpoint is not None:
+        done = int(checkpoint.name.split("-")[-1])
+        history = json.loads((checkpoint / "gold_history.json").read_text())
+        print(f"resuming from {checkpoint} (update {done})")
+    world = max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    total = math.ceil((args.total_episodes or int(args.num_train_epochs * len(train))) / batch)
+    if done >= total:
+        print(f"{checkpoint} already holds all {total} updates")
+    args.total_episodes = (total - done) * batch
+
+    load = {"trust_remote_code": args.trust_remote_code}
+    if args.dtype not in (None, "auto"):
+        load["dtype"] = getattr(torch, args.dtype)
+    start_path = str(checkpoint) if checkpoint else policy_path
+    policy = AutoModelForCausalLM.from_pretrained(start_path, **load)
+    reference = AutoModelForCausalLM.from_pretrained(policy_path, **load)
+    value_path = (str(checkpoint / "value_model") if checkpoint else args.value_model_path
+                  or (policy_path if mismatch else args.reward_model_path))
+    value_model = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, **load)
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    scorer_for_ppo = (RetokenizedReward(proxy, tokenizer, prompts, [q for q in query_ids if q is not None])
+                      if mismatch else reward_model)
+
+    gold_eval = GoldEvaluation(args, eval_prompts, tokenizer, proxy, gold, step_offset=done, history=history)
+    trainer_class = load_trainer_class()
+    trainer_class.schedule_steps = total
+    trainer = trainer_class(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
+                            reward_model=scorer_for_ppo, train_dataset=train, value_model=value_model,
+                            eval_dataset=Dataset.from_dict({"input_ids": eval_ids}), callbacks=[gold_eval])
+    trainer.gold = gold_eval
+    gold_eval.set_trainer(trainer, eval_ids)
+    if checkpoint is not None:
+        trainer.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+
+    started = time.perf_counter()
+    if done < total:
+        trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.save_model(str(out))
+
+    history = gold_eval.history
+    metrics = {"reward_model": args.reward_model_path, "policy": str(policy_path), "gold": args.gold,
+               "updates": total, "resumed_from_update": done or None, "train_seconds": round(seconds, 2),
+               "episodes_per_update": batch, "kl_coef": args.kl_coef, "prompts": counts,
+               "before": history[0], "after": history[-1], "gold_curve": history,
+               "ppo_log": trainer.state.log_history}
+    if trainer.accelerator.is_main_process:
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "gold_curve.json", history)
+        plot_gold_vs_kl_curve({out.name: history}, out / "gold_vs_kl.png")
+        b, a = history[0], history[-1]
+        print(f"{'':<8}{'gold':>8}{'proxy':>8}{'KL':>8}\n{'before':<8}{b['gold']:>8.3f}{b['proxy']:>8.3f}"
+              f"{b['kl']:>8.3f}\n{'after':<8}{a['gold']:>8.3f}{a['proxy']:>8.3f}{a['kl']:>8.3f}")
+        print(f"{total} PPO updates in {seconds:.0f} s; wrote {out}/ (model.safetensors, metrics.json, "
+              "gold_curve.json, gold_vs_kl.png)")
+    return metrics
+
+
+def encode_prompts(tokenizer, prompts, max_length):
+    """The policy's query ids for each prompt (its chat template for conversations); prompts longer
+    than `max_length` become None and are counted."""
+    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+           if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [list(x) for x in ids]
+    too_long = sum(max_length is not None and len(x) > max_length for x in ids)
+    if too_long:
+        ids = [x if len(x) <= max_length else None for x in ids]
+    return ids, {"prompts": len(prompts), "too_long": too_long}
+
+
+def last_complete_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint-N whose last file (the gold history) was written: a run killed while
+    saving leaves an incomplete one, which is skipped."""
+    if not out.is_dir():
+        return None
+    done = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "gold_history.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+if __name__ == "__main__":
+    run_pipeline(main)
