@@ -67,6 +67,17 @@ class APLOTPPOConfig(PPOConfig):
         check_range("kl_coef", self.kl_coef, low=0.0)
         check_range("temperature", self.temperature, low=0.0, low_open=True)
         check_range("cliprange", self.cliprange, low=0.0, low_open=True)
+        # PPOConfig turns TrainingArguments' `world_size` property into a field (None until the trainer
+        # sets it), which a `deepspeed` config reads while the arguments are built: give it the launch's.
+        if self.world_size is None:
+            self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.deepspeed:
+            # PPOTrainer builds its own Accelerator and never runs the Trainer's DeepSpeed set-up, so the
+            # config goes to accelerate, as `accelerate launch --deepspeed_config_file` hands it over;
+            # accelerate fills its "auto" values from the PPO batch sizes when the models are prepared.
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(self.deepspeed)
+            self.deepspeed = None
         super().__post_init__()
         if "wandb" in (self.report_to or []):
             os.environ.setdefault("WANDB_MODE", "offline")
@@ -278,8 +289,31 @@ def load_trainer_class():
             # which PPOTrainer does not call.
             self.is_distributed_loading_by_transformers = False
 
+        def create_model_card(self, *args, **kwargs):
+            pass  # TRL's card reads attributes a DDP-wrapped model lacks; the stage writes metrics.json
+
         def create_scheduler(self, num_training_steps, optimizer=None):
             return super().create_scheduler(self.schedule_steps or num_training_steps, optimizer)
+
+        def parts(self) -> tuple[dict | None, dict | None]:
+            """The policy's and the value model's full weights under DeepSpeed (gathered from every
+            rank under ZeRO-3, so every rank must call it); (None, None) without DeepSpeed."""
+            if not self.is_deepspeed_enabled:
+                return None, None
+            state = self.accelerator.get_state_dict(self.model)
+            split = [{k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(p)} if state else None
+                     for p in ("policy.", "value_model.")]
+            return split[0], split[1]
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not self.is_deepspeed_enabled:
+                return super().save_model(output_dir, _internal_call)
+            # transformers' DeepSpeed branch expects the Trainer's own engine; save the policy directly.
+            policy_state, _ = self.parts()
+            if self.args.should_save:
+                output_dir = output_dir or self.args.output_dir
+                self.accelerator.unwrap_model(self.model).policy.save_pretrained(output_dir, state_dict=policy_state)
+                self.processing_class.save_pretrained(output_dir)
 
         def _save_checkpoint(self, model, trial):
             import json
@@ -291,9 +325,11 @@ def load_trainer_class():
             try:
                 super()._save_checkpoint(model, trial)
                 checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                _, value_state = self.parts()
                 if self.args.should_save:
-                    self.accelerator.unwrap_model(self.model).value_model.save_pretrained(checkpoint / "value_model")
-                    if self.gold is not None:
+                    value_model = self.accelerator.unwrap_model(self.model).value_model
+                    value_model.save_pretrained(checkpoint / "value_model", state_dict=value_state)
+                    if self.gold is not None:  # written last: its presence marks a complete checkpoint
                         (checkpoint / "gold_history.json").write_text(json.dumps(self.gold.history))
             finally:
                 self.state.global_step -= offset

@@ -17,8 +17,10 @@ from aplot.errors import UserError, run_pipeline
 
 def main(argv=None) -> dict:
     from aplot.config import RecipeParser
+    from aplot.distributed import init_distributed
     from aplot.ppo import APLOTPPOConfig
 
+    init_distributed()  # before the recipe builds TrainingArguments: one process group for every rank
     (args,) = RecipeParser((APLOTPPOConfig,)).parse_recipe(argv)
     return run(args)
 
@@ -114,7 +116,10 @@ def run(args) -> dict:
     trainer.gold = gold_eval
     gold_eval.set_trainer(trainer, eval_ids)
     if checkpoint is not None:
-        trainer.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        if (checkpoint / "optimizer.pt").exists():
+            trainer.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        else:  # DeepSpeed keeps its optimizer state in its own format: the optimizer starts afresh
+            print(f"{checkpoint}: no optimizer.pt (a DeepSpeed checkpoint); the optimizer state restarts")
         trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
 
     started = time.perf_counter()
@@ -124,9 +129,11 @@ def run(args) -> dict:
     trainer.save_model(str(out))
 
     history = gold_eval.history
+    zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
     metrics = {"reward_model": args.reward_model_path, "policy": str(policy_path), "gold": args.gold,
                "updates": total, "resumed_from_update": done or None, "train_seconds": round(seconds, 2),
                "episodes_per_update": batch, "kl_coef": args.kl_coef, "prompts": counts,
+               "processes": trainer.accelerator.num_processes, "zero_stage": zero_stage,
                "before": history[0], "after": history[-1], "gold_curve": history,
                "ppo_log": trainer.state.log_history}
     if trainer.accelerator.is_main_process:

@@ -140,3 +140,22 @@ def test_killed_ppo_resumes_from_its_checkpoint(tmp_path, embedded_rms):
     assert resumed is not None and resumed >= saved[-1] and metrics["updates"] == 10
     assert [p["step"] for p in metrics["gold_curve"]] == [0, 2, 4, 6, 8, 10]
     assert Path(out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ppo_with_zero2_in_two_cpu_processes(tmp_path, embedded_rms):
+    """The shared ZeRO-2 config drives PPO across two gloo ranks; the saved policy loads plainly."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = ppo_recipe(tmp_path, embedded_rms, total_episodes=64, save_strategy="no",
+                        deepspeed="recipes/deepspeed/zero2.json")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "pipelines.ppo",
+               "--config", recipe]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["zero_stage"] == 2
+    assert metrics["episodes_per_update"] == 32 and metrics["updates"] == 2  # 8 x 2 accumulation x 2 ranks
+    assert metrics["gold_curve"][-1]["n"] == 12  # both ranks' evaluation samples gathered
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
