@@ -50,7 +50,13 @@ def summarize(rm_dirs: list[str], bon_dir: str | None, ppo_dirs: list[str]) -> s
             m = read_metrics(d)
             lines.append(f"{Path(m['reward_model']).name:<22}{m['before']['gold']:>12.3f}{m['after']['gold']:>12.3f}"
                          f"{m['after']['proxy']:>12.3f}{m['after']['kl']:>8.2f}")
-        lines.append(f"plots: {', '.join(f'{d}/gold_vs_kl.png' for d in ppo_dirs)}")
+        # One figure with every run's curve: the comparison the demo is for.
+        from aplot.ppo import plot_gold_vs_kl_curve
+
+        together = Path(ppo_dirs[0]).parent / "gold_vs_kl.png"
+        plot_gold_vs_kl_curve({Path(read_metrics(d)["reward_model"]).name: read_metrics(d)["gold_curve"]
+                               for d in ppo_dirs}, together)
+        lines.append(f"plots: {together} (all runs), {', '.join(f'{d}/gold_vs_kl.png' for d in ppo_dirs)}")
     return "\n".join(lines)
 
 

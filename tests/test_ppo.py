@@ -159,3 +159,29 @@ def test_ppo_with_zero2_in_two_cpu_processes(tmp_path, embedded_rms):
     assert metrics["episodes_per_update"] == 32 and metrics["updates"] == 2  # 8 x 2 accumulation x 2 ranks
     assert metrics["gold_curve"][-1]["n"] == 12  # both ranks' evaluation samples gathered
     AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
+
+
+def test_real_ppo_recipe_parses_and_takes_its_prompts_from_the_dataset_format(tmp_path):
+    from aplot.config import RecipeParser
+    from aplot.data import load_prompts
+    from aplot.ppo import APLOTPPOConfig
+
+    # bf16 and DeepSpeed need GPUs: everything else is the recipe as a GPU node reads it.
+    (cfg,) = RecipeParser((APLOTPPOConfig,)).parse_recipe(
+        ["--config", "recipes/ppo/unified-feedback-qwen2.5-1.5b.yaml", "--bf16", "false", "--deepspeed", "",
+         "--output_dir", str(tmp_path)])
+    assert cfg.sft_model_path == "Qwen/Qwen2.5-1.5B-Instruct" and cfg.prompt_format == "ratings"
+    assert cfg.reward_model_path == "outputs/rm/unified-feedback-qwen2.5-0.5b" and cfg.response_length == 256
+    prompts = load_prompts("tests/fixtures/unified_feedback.jsonl", cfg.prompt_split, 2, cfg.prompt_format)
+    assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts)
+
+
+def test_demo_summary_reads_each_stage_and_names_a_missing_one(tmp_path, embedded_rms):
+    from pipelines import ppo, summary
+
+    ppo.main(["--config", ppo_recipe(tmp_path, embedded_rms, total_episodes=16, save_strategy="no")])
+    text = summary.main(["--rm", *embedded_rms[0], "--bon", "", "--ppo", str(tmp_path / "ppo")])
+    assert "gold before" in text and Path(embedded_rms[0][1]).name in text
+    assert (tmp_path / "gold_vs_kl.png").exists()  # every PPO run's curve in one figure
+    with pytest.raises(UserError, match=r"^/nonexistent/metrics.json does not exist: run that stage first$"):
+        summary.main(["--rm", "/nonexistent"])
