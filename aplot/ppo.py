@@ -316,8 +316,9 @@ def load_trainer_class():
                 self.processing_class.save_pretrained(output_dir)
 
         def _save_checkpoint(self, model, trial):
-            import json
             from pathlib import Path
+
+            from aplot.evaluation import write_json
 
             # TRL numbers the checkpoint by this trainer's step; a resumed run counts from where it began.
             offset = self.gold.step_offset if self.gold else 0
@@ -329,8 +330,8 @@ def load_trainer_class():
                 if self.args.should_save:
                     value_model = self.accelerator.unwrap_model(self.model).value_model
                     value_model.save_pretrained(checkpoint / "value_model", state_dict=value_state)
-                    if self.gold is not None:  # written last: its presence marks a complete checkpoint
-                        (checkpoint / "gold_history.json").write_text(json.dumps(self.gold.history))
+                    if self.gold is not None:  # written last (atomically): it marks a complete checkpoint
+                        write_json(checkpoint / "gold_history.json", self.gold.history)
             finally:
                 self.state.global_step -= offset
 

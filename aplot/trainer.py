@@ -62,11 +62,10 @@ class APLOTRewardTrainer(RewardTrainer):
     def adaptive_margin(self, chosen, rejected, chosen_hidden, rejected_hidden, mode):
         """The `point` or `aplot` margin of this rank's pairs, solved over the global batch."""
         args: APLOTConfig = self.args
-        n_local, rank = chosen.shape[0], self.accelerator.process_index
         gather = args.ot_scope == "global" and self.accelerator.num_processes > 1
-        if gather:  # accelerate pads the last batch, so every rank holds the same number of pairs
-            chosen, rejected, chosen_hidden, rejected_hidden = (
-                self.accelerator.gather(t.contiguous()) for t in (chosen, rejected, chosen_hidden, rejected_hidden))
+        if gather:
+            chosen, rejected, chosen_hidden, rejected_hidden, mine = gather_pairs(
+                self.accelerator, chosen, rejected, chosen_hidden, rejected_hidden)
         start = time.perf_counter()
         if args.loss_type == "aplot":
             margin = objective.ot_margin(chosen, rejected, chosen_hidden, rejected_hidden, gamma=args.gamma,
@@ -76,9 +75,7 @@ class APLOTRewardTrainer(RewardTrainer):
             margin = objective.point_margin(chosen, rejected, chosen_hidden, rejected_hidden,
                                             gamma=args.gamma, scale=args.margin_scale)
         self._metrics[mode]["ot_solve_ms"].append((time.perf_counter() - start) * 1e3)
-        if gather:
-            margin = margin[rank * n_local:(rank + 1) * n_local]
-        return margin
+        return margin[mine] if gather else margin
 
     def log_batch_metrics(self, mode, inputs, rewards, chosen, rejected, margin):
         """TRL's reward statistics, plus the distribution of the margin actually applied."""
@@ -98,3 +95,13 @@ class APLOTRewardTrainer(RewardTrainer):
             metrics["loss_margin_std"].append(applied.std(unbiased=False).item())
             metrics["loss_margin_min"].append(applied.min().item())
             metrics["loss_margin_max"].append(applied.max().item())
+
+
+def gather_pairs(accelerator, *tensors):
+    """The pairs of every rank, in rank order (the global micro-batch), and the slice that is this
+    rank's. Detached: no gradient crosses ranks. Every rank holds as many pairs: accelerate's
+    `even_batches` (on by default) completes a short last batch, and the reward metrics gather on
+    the same assumption (ACCELERATE_DEBUG_MODE=1 checks the shapes before each collective)."""
+    n, rank = tensors[0].shape[0], accelerator.process_index
+    gathered = [accelerator.gather(t.detach().contiguous()) for t in tensors]
+    return (*gathered, slice(rank * n, (rank + 1) * n))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from aplot.bon import as_response
@@ -82,44 +83,52 @@ def main(argv=None) -> dict:
 
     from aplot import bon
     from aplot.config import RecipeParser
+    from aplot.distributed import init_distributed, map_sharded
     from aplot.evaluation import write_atomic, write_json
     from aplot.reward_model import RewardScorer, check_path, load_reward_model
 
+    # Under a launcher (make bon NPROC=N) rank 0 trains the policy and samples, every rank scores its
+    # share of the samples, and rank 0 writes the caches and the results.
+    state = init_distributed()
     (cfg,) = RecipeParser((BonConfig,)).parse_recipe(argv)
     for path in cfg.reward_models + ([cfg.gold] if cfg.gold != "embedded" else []):
         check_path(path, "reward model")
     out = Path(cfg.output_dir)
     prompts = load_prompts(cfg)
 
-    policy = cfg.policy_name_or_path
-    if policy == "embedded":
-        from aplot.policy import ensure_embedded_policy
+    with state.main_process_first():  # the other ranks then find the policy and the samples cached
+        policy = cfg.policy_name_or_path
+        if policy == "embedded":
+            from aplot.policy import ensure_embedded_policy
 
-        policy = ensure_embedded_policy(cfg.embedded_policy_dir, seed=cfg.world_seed)
-    check_path(policy, "policy")
+            policy = ensure_embedded_policy(cfg.embedded_policy_dir, seed=cfg.world_seed)
+        check_path(policy, "policy")
 
-    # 1. Samples, cached per (prompt, sample index); the settings that made them are recorded.
-    params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
-    settings = {"policy": str(policy), "backend": cfg.backend, "n_samples": cfg.n_samples, "seed": cfg.seed,
-                "prompts": bon.settings_hash({"prompts": [repr(p) for p in prompts]}), **params}
-    samples = bon.JsonlCache(out / "samples.jsonl", ("prompt_index", "sample_index"), settings)
-    todo = [i for i in range(len(prompts)) if any((i, j) not in samples for j in range(cfg.n_samples))]
-    if todo:
-        sampler = (bon.VLLMSampler(policy, cfg.dtype, cfg.tensor_parallel_size, cfg.max_model_len,
-                                   cfg.trust_remote_code) if cfg.backend == "vllm"
-                   else bon.TransformersSampler(policy, cfg.dtype, trust_remote_code=cfg.trust_remote_code))
-        texts = policy_inputs(policy, prompts, cfg.trust_remote_code)
-        for start in tqdm(range(0, len(todo), cfg.chunk_prompts), desc=f"sampling ({cfg.backend})"):
-            chunk = todo[start:start + cfg.chunk_prompts]
-            responses = sampler.sample([texts[i] for i in chunk], chunk, cfg.n_samples, params, cfg.seed)
-            samples.append([{"prompt_index": i, "sample_index": j, "response": r}
-                            for i, rs in zip(chunk, responses) for j, r in enumerate(rs)])
-        del sampler
+        # 1. Samples, cached per (prompt, sample index); the settings that made them are recorded.
+        params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
+        settings = {"policy": str(policy), "backend": cfg.backend, "n_samples": cfg.n_samples, "seed": cfg.seed,
+                    "prompts": bon.settings_hash({"prompts": [repr(p) for p in prompts]}), **params}
+        samples = bon.JsonlCache(out / "samples.jsonl", ("prompt_index", "sample_index"), settings)
+        todo = [i for i in range(len(prompts)) if any((i, j) not in samples for j in range(cfg.n_samples))]
+        if todo:
+            sampler = (bon.VLLMSampler(policy, cfg.dtype, cfg.tensor_parallel_size, cfg.max_model_len,
+                                       cfg.trust_remote_code) if cfg.backend == "vllm"
+                       else bon.TransformersSampler(policy, cfg.dtype, trust_remote_code=cfg.trust_remote_code))
+            texts = policy_inputs(policy, prompts, cfg.trust_remote_code)
+            for start in tqdm(range(0, len(todo), cfg.chunk_prompts), desc=f"sampling ({cfg.backend})"):
+                chunk = todo[start:start + cfg.chunk_prompts]
+                responses = sampler.sample([texts[i] for i in chunk], chunk, cfg.n_samples, params, cfg.seed)
+                samples.append([{"prompt_index": i, "sample_index": j, "response": r}
+                                for i, rs in zip(chunk, responses) for j, r in enumerate(rs)])
+            del sampler
 
     # 2. Scores of every sample by every proxy and the gold, cached per (scorer, prompt, sample).
-    scores = bon.JsonlCache(out / "scores.jsonl", ("scorer", "prompt_index", "sample_index"),
-                            {"samples": bon.settings_hash(settings), "max_length": cfg.max_length,
-                             "reward_models": cfg.reward_models, "gold": cfg.gold})
+    # Every rank scores a contiguous share of the missing samples; the results come back in order and
+    # only rank 0 appends them.
+    with state.main_process_first():
+        scores = bon.JsonlCache(out / "scores.jsonl", ("scorer", "prompt_index", "sample_index"),
+                                {"samples": bon.settings_hash(settings), "max_length": cfg.max_length,
+                                 "reward_models": cfg.reward_models, "gold": cfg.gold})
     keys = [(i, j) for i in range(len(prompts)) for j in range(cfg.n_samples)]
     scorers = {Path(p).name: p for p in cfg.reward_models}
     scorers["gold"] = cfg.gold
@@ -131,19 +140,24 @@ def main(argv=None) -> dict:
         if path == "embedded":
             from aplot.data.world import gold_reward
 
-            values = [gold_reward(prompts[i], r) for (i, _), r in zip(missing, responses)]
-            scores.append([{"scorer": name, "prompt_index": i, "sample_index": j, "score": v}
-                           for (i, j), v in zip(missing, values)])
+            values = map_sharded(lambda items: [gold_reward(prompts[i], r) for (i, _), r in items],
+                                 list(zip(missing, responses)))
+            if state.is_main_process:
+                scores.append([{"scorer": name, "prompt_index": i, "sample_index": j, "score": v}
+                               for (i, j), v in zip(missing, values)])
             continue
-        model, tokenizer = load_reward_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer = load_reward_model(path, device=str(state.device), dtype=cfg.dtype,
+                                             trust_remote_code=cfg.trust_remote_code)
         scorer = RewardScorer(model, tokenizer, cfg.score_batch_size, cfg.max_length)
         for start in tqdm(range(0, len(missing), 1024), desc=f"scoring with {name}"):
             part = missing[start:start + 1024]
             rs = responses[start:start + 1024]
-            values = scorer.score([prompts[i] for i, _ in part], [as_response(prompts[i], r)
-                                                                   for (i, _), r in zip(part, rs)])
-            scores.append([{"scorer": name, "prompt_index": i, "sample_index": j, "score": float(v)}
-                           for (i, j), v in zip(part, values)])
+            values = map_sharded(partial(score_samples, scorer, prompts), list(zip(part, rs)))
+            if state.is_main_process:
+                scores.append([{"scorer": name, "prompt_index": i, "sample_index": j, "score": float(v)}
+                               for (i, j), v in zip(part, values)])
+    if not state.is_main_process:
+        return {}
 
     # 3. The exact Best-of-N estimate for n = 1, 2, 4, ... N.
     def matrix(name):
@@ -167,6 +181,7 @@ def main(argv=None) -> dict:
     bon.plot_gold_vs_kl(table, out / "bon.png")
     report_ns = [n for n in (1, 4, 16, 64) if n <= cfg.n_samples]
     metrics = {"n_prompts": len(prompts), "n_samples": cfg.n_samples, "backend": cfg.backend, "policy": str(policy),
+               "processes": state.num_processes,
                "gold_at_n": {r["proxy"]: {} for r in table}, "oracle_gold_at_n": {n: oracle[n][0] for n in report_ns}}
     for r in table:
         if r["n"] in report_ns:
@@ -188,6 +203,12 @@ def policy_inputs(policy, prompts, trust_remote_code=False) -> list[str]:
 
     tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=trust_remote_code)
     return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+
+
+def score_samples(scorer, prompts, items) -> list[float]:
+    """Rewards of `((prompt_index, sample_index), response)` items, as a list the ranks can gather."""
+    return scorer.score([prompts[i] for (i, _), _ in items],
+                        [as_response(prompts[i], r) for (i, _), r in items]).tolist()
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -20,6 +20,7 @@ def main(argv=None) -> dict:
 
     from aplot.config import parse_rm_recipe
     from aplot.data import load_eval_sets, load_train
+    from aplot.distributed import init_distributed, zero3_init_disabled
     from aplot.evaluation import (
         evaluate_reward_models,
         format_table,
@@ -27,9 +28,17 @@ def main(argv=None) -> dict:
         plot_training_curve,
         write_json,
     )
-    from aplot.reward_model import RewardScorer, build_reward_model, check_path, load_tokenizer, tokenize_pairs
+    from aplot.reward_model import (
+        RewardScorer,
+        build_reward_model,
+        check_path,
+        load_reward_model,
+        load_tokenizer,
+        tokenize_pairs,
+    )
     from aplot.trainer import APLOTRewardTrainer
 
+    init_distributed()  # before the recipe builds TrainingArguments: one process group for every rank
     data_cfg, args, model_cfg = parse_rm_recipe(argv)
     if not model_cfg.model_name_or_path:
         raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
@@ -70,12 +79,19 @@ def main(argv=None) -> dict:
     train_seconds = time.perf_counter() - start
     trainer.save_model(str(out))
 
+    zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
     metrics = {"loss_type": args.loss_type, "train_seconds": round(train_seconds, 2),
                "train_steps": trainer.state.global_step, "train_pairs": len(train),
+               "processes": trainer.accelerator.num_processes, "zero_stage": zero_stage,
                "data": {"train": train_counts, **{name: counts for name, (_, counts) in eval_sets.items()}}}
     if trainer.accelerator.is_main_process:
-        scorer = RewardScorer(trainer.accelerator.unwrap_model(trainer.model).eval(), tokenizer,
-                              batch_size=args.per_device_eval_batch_size, max_length=args.max_length)
+        # Under ZeRO-3 this rank holds only a shard of each weight: evaluate the consolidated model
+        # that save_model just wrote (and so prove it loads without DeepSpeed).
+        model = trainer.accelerator.unwrap_model(trainer.model).eval()
+        if zero_stage == 3:
+            with zero3_init_disabled():
+                model = load_reward_model(str(out), device=str(trainer.args.device))[0]
+        scorer = RewardScorer(model, tokenizer, batch_size=args.per_device_eval_batch_size, max_length=args.max_length)
         results, rewards = evaluate_reward_models({out.name: scorer}, eval_sets)
         metrics["eval"] = results[out.name]
         write_json(out / "metrics.json", metrics)
