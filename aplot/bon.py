@@ -28,13 +28,19 @@ class JsonlCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         settings_path = self.path.with_suffix(".settings.json")
         if settings_path.exists() and self.path.exists():
-            recorded = json.loads(settings_path.read_text())
+            try:
+                recorded = json.loads(settings_path.read_text())
+            except ValueError:  # only a hand edit gets here: the file is replaced atomically
+                raise UserError(f"{settings_path}: unreadable, so the cache beside it cannot be trusted; "
+                                "use another output_dir or delete the cache") from None
             if recorded != json.loads(json.dumps(settings)):
                 changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
                 raise UserError(f"{self.path}: cached with other settings ({', '.join(changed)}); "
                                 "use another output_dir or delete the cache")
         else:
-            settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
+            from aplot import outputs
+
+            outputs.write_json(settings_path, json.loads(json.dumps(settings, sort_keys=True)))
         self.rows: dict[tuple, dict] = {}
         if self.path.exists():
             self._load()

@@ -11,7 +11,10 @@ import difflib
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from trl import ModelConfig, RewardConfig, TrlParser
 
@@ -106,6 +109,9 @@ class APLOTConfig(RewardConfig):
                 "reads) or 'first_token' (encoder models)."})
     ot_scope: str = field(default="global", metadata={
         "help": "'global': one plan over the batch of all ranks; 'local': one plan per rank."})
+    resume: bool = field(default=True, metadata={
+        "help": "Continue from the newest complete checkpoint in output_dir when there is one; false "
+                "starts over and removes the earlier run's checkpoints and results from output_dir."})
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -118,6 +124,18 @@ class APLOTConfig(RewardConfig):
         check_range("label_smoothing", self.label_smoothing, 0.0, 0.5)
         if self.margin_value is not None:
             check_range("margin_value", self.margin_value)
+        # TrainingArguments accepts these at 0 or below and fails mid-run (or trains nothing): say so now
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check_range(key, getattr(self, key), low=1)
+        if self.max_steps != -1:
+            check_range("max_steps", self.max_steps, low=1, hint=" (or -1: num_train_epochs decides)")
+        else:
+            check_range("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
+        for key in ("learning_rate", "warmup_steps", "weight_decay"):
+            check_range(key, getattr(self, key), low=0)
+        for key in ("logging_steps", "save_steps", "eval_steps", "max_length"):
+            if getattr(self, key, None) is not None:
+                check_range(key, getattr(self, key), low=0, low_open=True)
         for key, value, choices in (("ot_hidden", self.ot_hidden, ("last_token", "first_token")),
                                     ("ot_scope", self.ot_scope, ("global", "local"))):
             if value not in choices:
@@ -128,12 +146,12 @@ class APLOTConfig(RewardConfig):
             os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def check_range(key, value, low=None, high=None, low_open=False):
+def check_range(key, value, low=None, high=None, low_open=False, hint=""):
     """Fail with one line when a numeric recipe value is of the wrong type or out of range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"{key} must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
-        raise UserError(f"{key} must be {'>' if low_open else '>='} {low}, got {value!r}")
+        raise UserError(f"{key} must be {'>' if low_open else '>='} {low}{hint}, got {value!r}")
     if high is not None and value > high:
         raise UserError(f"{key} must be <= {high}, got {value!r}")
 
@@ -153,8 +171,8 @@ class RecipeParser(TrlParser):
         argv = list(sys.argv[1:] if argv is None else argv)
         recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
         where = f"{recipe}: " if recipe else ""
-        if recipe and not os.path.isfile(recipe):
-            raise UserError(f"recipe file does not exist: {recipe}")
+        if recipe:
+            self.check_types(recipe, read_recipe(recipe))
         try:
             *parsed, from_yaml, from_cli = self.parse_args_and_config(
                 argv, return_remaining_strings=True, separate_remaining_strings=True)
@@ -168,6 +186,112 @@ class RecipeParser(TrlParser):
             if leftovers:
                 raise UserError(f"{source}unexpected argument {leftovers[0]!r}")
         return parsed
+
+
+    def check_types(self, recipe: str, config: dict) -> None:
+        """YAML values land in the dataclasses as they are (argparse converts strings only): a list
+        where a number belongs, or a string where a list does, would fail far from the recipe."""
+        for cls in self.dataclass_types:
+            hints = typing.get_type_hints(cls)
+            for f in fields(cls):
+                if f.name in config and _matches(config[f.name], hints.get(f.name)) is False:
+                    raise UserError(f"{recipe}: {f.name} must be {_describe(hints[f.name])}, "
+                                    f"got {config[f.name]!r}")
+
+
+def read_recipe(path: str) -> dict:
+    """The recipe's YAML mapping, read with the safe loader; every way it can be unreadable is one line."""
+    if not os.path.isfile(path):
+        raise UserError(f"recipe file does not exist: {path}")
+    import yaml
+
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line} is not UTF-8 (byte 0x{data[err.start]:02x})") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        if "constructor for the tag" in problem:  # !!python/object and friends: never executed
+            tag = problem.split("tag ")[-1]
+            raise UserError(f"{path}: {at}the tag {tag} is not allowed (recipes are plain YAML, read with "
+                            "a safe loader)") from None
+        raise UserError(f"{path}: not valid YAML ({at}{problem})") from None
+    if config is None:
+        raise UserError(f"{path}: the recipe is empty")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: a recipe is a mapping of keys to values, not a {type(config).__name__}")
+    return config
+
+
+def _matches(value, tp) -> bool | None:
+    """Whether a YAML value fits a field's type: True, False, or None when that cannot be told here
+    (a string for a number: argparse converts it, or names it in its own message)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is None or tp is typing.Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        results = [_matches(value, a) for a in args]
+        return True if True in results else None if None in results else False
+    if tp is type(None):
+        return value is None
+    if isinstance(value, str) and tp in (int, float, bool):
+        return None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            return False
+        return False if args and any(_matches(v, args[0]) is False for v in value) else True
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            return False
+        return False if args and any(_matches(v, args[1]) is False for v in value.values()) else True
+    return None
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if origin is list or tp is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s" if args and args[0] in (int, float, str) \
+            else "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+# What a training run's result depends on: resuming a checkpoint made with other values is refused
+# (eval sets, logging and the like may change between a run and its resumption).
+RUN_DATA_KEYS = ("dataset_name", "dataset_config", "dataset_format", "dataset_columns", "dataset_train_split",
+                 "max_train_pairs", "strict", "tokenizer_name_or_path", "world_seed", "n_train", "hard_fraction",
+                 "label_noise")
+RUN_TRAINING_KEYS = ("loss_type", "gamma", "epsilon", "sinkhorn_iters", "margin_scale", "margin_value",
+                     "label_smoothing", "ot_hidden", "ot_scope", "learning_rate", "lr_scheduler_type",
+                     "warmup_steps", "weight_decay", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "num_train_epochs", "max_steps", "seed", "max_length", "center_rewards_coefficient")
+
+
+def run_settings(data_cfg, args, model_cfg) -> dict:
+    return {**{k: getattr(data_cfg, k) for k in RUN_DATA_KEYS},
+            **{k: getattr(args, k, None) for k in RUN_TRAINING_KEYS},
+            "model_name_or_path": model_cfg.model_name_or_path, "use_peft": model_cfg.use_peft,
+            "processes": args.world_size}
 
 
 def parse_rm_recipe(argv=None) -> tuple[DataConfig, APLOTConfig, ModelConfig]:

@@ -1,16 +1,15 @@
 """Reward-model evaluation on preference pairs: accuracy (overall, per subset, on hard pairs),
-separation and calibration of the rewards, the plots people look at, and atomic output files."""
+separation and calibration of the rewards, and the plots people look at (written atomically)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import rankdata, wasserstein_distance
+
+from aplot.outputs import write_atomic, write_json  # noqa: F401  (the stages import them from here too)
 
 ECE_BINS = 10
 
@@ -111,30 +110,6 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
                 cells.append(fmt.format(value) if value is not None else f"{'-':>{len(fmt.format(0))}}")
             lines.append(f"{model:<{width}}  {name:<{sets}}" + "".join(cells))
     return "\n".join(lines)
-
-
-def write_atomic(path, write) -> None:
-    """Write through a temporary file in the same directory and rename it into place, so a crash
-    never leaves a half-written file where a finished one is expected."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, data) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-
-    write_atomic(path, write)
 
 
 def plot_training_curve(log_history: list[dict], path, title="") -> None:

@@ -42,5 +42,9 @@ def ensure_embedded_policy(out_dir: str, seed: int = 0, n_examples: int = 20000,
     trainer.train()
     model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                    do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
-    trainer.save_model(out_dir)
+    # Saved aside, then moved in weights-last: has_weights() above must never find a half-saved policy.
+    from aplot.outputs import STAGING, publish_model
+
+    trainer.save_model(str(Path(out_dir) / STAGING))
+    publish_model(Path(out_dir) / STAGING, out_dir)
     return out_dir

@@ -16,10 +16,58 @@ from aplot.errors import UserError
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 HEAD_NAMES = ("score", "classifier", "v_head")
+# Any one of these makes a directory's tokenizer loadable; without them AutoTokenizer would build an
+# empty one from config.json and every text would encode to nothing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 def has_weights(path: str) -> bool:
     return any((Path(path) / name).exists() for name in WEIGHT_FILES)
+
+
+def check_tokenizer_files(path: str) -> None:
+    if Path(path).is_dir() and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(f"{path}: no tokenizer in this directory (no tokenizer.json or tokenizer_config.json)")
+
+
+def check_safetensors(path: str) -> None:
+    if Path(path).is_dir() and has_weights(path) and not any(
+            (Path(path) / n).exists() for n in ("model.safetensors", "model.safetensors.index.json")):
+        raise UserError(f"{path}: weights only as pytorch_model.bin, a pickle, which is not loaded (loading one "
+                        "can run code): save them as safetensors")
+
+
+def checkpoint_keys(path: str) -> list[str] | None:
+    """The tensor names of a directory's safetensors weights, read from the header only (None when
+    the weights are not safetensors)."""
+    import json
+
+    index, single = Path(path) / "model.safetensors.index.json", Path(path) / "model.safetensors"
+    if index.exists():
+        return list(json.loads(index.read_text())["weight_map"])
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return list(f.keys())
+    return None
+
+
+def check_reward_model(path: str) -> None:
+    """What `load_reward_model` refuses, found without loading the weights, for stages that would
+    otherwise load a model only after hours of other work (Best-of-N scores after sampling)."""
+    check_path(path, "reward model")
+    if not Path(path).is_dir():
+        return  # a hub id: checked when it is loaded
+    if not has_weights(path):
+        raise UserError(f"{path}: no model weights (model.safetensors) in this directory")
+    check_safetensors(path)
+    check_tokenizer_files(path)
+    keys = checkpoint_keys(path)
+    if keys is not None and not any(part in HEAD_NAMES for key in keys for part in key.split(".")[:-1]):
+        raise UserError(f"{path}: no trained score head in model.safetensors (no {', '.join(HEAD_NAMES)} "
+                        "weights): a language model, not a reward model")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -28,6 +76,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
         return build_tokenizer()
     check_path(path, "tokenizer")
+    check_tokenizer_files(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -41,12 +90,15 @@ def check_path(path: str, what: str) -> None:
     raise UserError(f"{what} path does not exist: {path}")
 
 
-def build_reward_model(path: str, tokenizer, dtype: str | None = None,
-                       trust_remote_code: bool = False) -> PreTrainedModel:
+def build_reward_model(path: str, tokenizer, dtype: str | None = None, trust_remote_code: bool = False,
+                       require_head: bool = False) -> PreTrainedModel:
     """A sequence-classification model with one output: pretrained weights when `path` has them,
-    else freshly initialised from the `config.json` there (how the embedded tiny models start)."""
+    else freshly initialised from the `config.json` there (how the embedded tiny models start).
+    Weights are read from safetensors only (a pickle can run code). `require_head`: the weights must
+    hold a trained score head (a reward model, not a base language model given a fresh head)."""
     check_path(path, "model")
-    kwargs = {"num_labels": 1, "trust_remote_code": trust_remote_code}
+    # safetensors only: a pytorch_model.bin is a pickle, and loading one can run code
+    kwargs = {"num_labels": 1, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if dtype not in (None, "auto"):
         kwargs["dtype"] = getattr(torch, dtype)
     if Path(path).is_dir() and not has_weights(path):
@@ -58,7 +110,18 @@ def build_reward_model(path: str, tokenizer, dtype: str | None = None,
         config.bos_token_id = tokenizer.bos_token_id
         model = AutoModelForSequenceClassification.from_config(config, dtype=kwargs.get("dtype"))
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        check_safetensors(path)
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True,
+                                                                             **kwargs)
+        except (OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{path}: cannot be loaded as a sequence-classification model with safetensors "
+                            f"weights ({reason})") from None
+        missing = sorted(k for k in info["missing_keys"] if any(p in HEAD_NAMES for p in k.split(".")[:-1]))
+        if require_head and missing:
+            raise UserError(f"{path}: no trained score head in the weights ({missing[0]} is missing): a language "
+                            "model, not a reward model")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -70,7 +133,7 @@ def load_reward_model(path: str, device: str | None = None, dtype: str | None = 
     if Path(path).is_dir() and not has_weights(path):
         raise UserError(f"{path}: no model weights (model.safetensors) in this directory")
     tokenizer = load_tokenizer(path, trust_remote_code)
-    model = build_reward_model(path, tokenizer, dtype, trust_remote_code)
+    model = build_reward_model(path, tokenizer, dtype, trust_remote_code, require_head=True)
     score_head(model)  # fail now, not at the first batch, when there is no head to read
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return model, tokenizer

@@ -18,8 +18,8 @@ from aplot.errors import UserError
 from aplot.reward_model import ScoreInputCapture
 
 
-class NonFiniteRewardError(RuntimeError):
-    pass
+class NonFiniteRewardError(UserError):
+    """Training stops, in one line naming the step, instead of training on NaN/inf rewards."""
 
 
 class APLOTRewardTrainer(RewardTrainer):

@@ -59,6 +59,9 @@ class BonConfig:
         for key in ("n_prompts", "n_samples", "chunk_prompts", "score_batch_size", "max_new_tokens",
                     "tensor_parallel_size"):
             check_range(key, getattr(self, key), low=1)
+        for key in ("max_length", "max_model_len"):
+            if getattr(self, key) is not None:
+                check_range(key, getattr(self, key), low=1)
         if self.n_samples & (self.n_samples - 1):
             raise UserError(f"n_samples must be a power of two (the table reports n = 1, 2, 4, ...), "
                             f"got {self.n_samples}")
@@ -85,16 +88,21 @@ def main(argv=None) -> dict:
     from aplot.config import RecipeParser
     from aplot.distributed import init_distributed, map_sharded
     from aplot.evaluation import write_atomic, write_json
-    from aplot.reward_model import RewardScorer, check_path, load_reward_model
+    from aplot.outputs import check_output_dir, discard_partial
+    from aplot.reward_model import RewardScorer, check_path, check_reward_model, load_reward_model
 
     # Under a launcher (make bon NPROC=N) rank 0 trains the policy and samples, every rank scores its
     # share of the samples, and rank 0 writes the caches and the results.
     state = init_distributed()
     (cfg,) = RecipeParser((BonConfig,)).parse_recipe(argv)
+    # The scorers are loaded only after sampling: check now what would make them fail then.
     for path in cfg.reward_models + ([cfg.gold] if cfg.gold != "embedded" else []):
-        check_path(path, "reward model")
+        check_reward_model(path)
     out = Path(cfg.output_dir)
+    check_output_dir(out)
     prompts = load_prompts(cfg)
+    if state.is_main_process:
+        discard_partial(out)
 
     with state.main_process_first():  # the other ranks then find the policy and the samples cached
         policy = cfg.policy_name_or_path

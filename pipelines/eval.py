@@ -24,19 +24,29 @@ class EvalConfig:
     dtype: str | None = field(default=None, metadata={"help": "Load the models in this dtype (bfloat16, ...)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
 
+    def __post_init__(self):  # here, not in main(): the message then names the recipe
+        from aplot.config import check_range
+
+        check_range("batch_size", self.batch_size, low=1)
+        if self.max_length is not None:
+            check_range("max_length", self.max_length, low=1)
+
 
 def main(argv=None) -> dict:
-    from aplot.config import DataConfig, RecipeParser, check_range
+    from aplot.config import DataConfig, RecipeParser
     from aplot.data import load_eval_sets
     from aplot.evaluation import evaluate_reward_models, format_table, plot_reward_distributions, write_json
-    from aplot.reward_model import RewardScorer, check_path, load_reward_model
+    from aplot.outputs import check_output_dir, discard_partial
+    from aplot.reward_model import RewardScorer, check_reward_model, load_reward_model
 
     data_cfg, cfg = RecipeParser((DataConfig, EvalConfig)).parse_recipe(argv)
     if not cfg.reward_models:
         raise UserError("reward_models is empty: name at least one reward-model directory")
-    check_range("batch_size", cfg.batch_size, low=1)
+    # Every input is checked before the first model is scored; the output directory too.
     for path in cfg.reward_models:
-        check_path(path, "reward model")
+        check_reward_model(path)
+    out = Path(cfg.output_dir)
+    check_output_dir(out)
     eval_sets = load_eval_sets(data_cfg)
 
     scorers = {}
@@ -45,7 +55,7 @@ def main(argv=None) -> dict:
         scorers[Path(path).name or path] = RewardScorer(model, tokenizer, cfg.batch_size, cfg.max_length)
     results, rewards = evaluate_reward_models(scorers, eval_sets)
 
-    out = Path(cfg.output_dir)
+    discard_partial(out)
     metrics = {"models": results, "reward_models": cfg.reward_models,
                "data": {name: counts for name, (_, counts) in eval_sets.items()}}
     write_json(out / "metrics.json", metrics)

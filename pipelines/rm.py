@@ -7,7 +7,6 @@ reward_distributions.png.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -15,10 +14,10 @@ from aplot.errors import UserError, run_pipeline
 
 
 def main(argv=None) -> dict:
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import set_seed
     from trl import get_peft_config
 
-    from aplot.config import parse_rm_recipe
+    from aplot.config import parse_rm_recipe, run_settings
     from aplot.data import load_eval_sets, load_train
     from aplot.distributed import init_distributed, zero3_init_disabled
     from aplot.evaluation import (
@@ -28,6 +27,7 @@ def main(argv=None) -> dict:
         plot_training_curve,
         write_json,
     )
+    from aplot.outputs import STAGING, RunPlan, publish_model
     from aplot.reward_model import (
         RewardScorer,
         build_reward_model,
@@ -45,6 +45,9 @@ def main(argv=None) -> dict:
     check_path(model_cfg.model_name_or_path, "model")
     out = Path(args.output_dir)
     check_writable(out)
+    # Read-only: resuming a checkpoint of other settings is refused here, before any work.
+    plan = RunPlan(out, args.resume, run_settings(data_cfg, args, model_cfg), args.resume_from_checkpoint,
+                   results=RESULTS)
 
     # Everything that can fail on bad input happens before training starts.
     tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path,
@@ -62,6 +65,9 @@ def main(argv=None) -> dict:
         return tokenize_pairs(pairs, tokenizer, args.max_length)
 
     train, train_counts["truncated"] = for_trainer(train)
+    # Trainer seeds only after the model exists: without this a fresh score head (and the tiny
+    # models' every weight) would differ from run to run, and a rerun could not match a first run.
+    set_seed(args.seed)
     model = build_reward_model(model_cfg.model_name_or_path, tokenizer, model_cfg.dtype, args.trust_remote_code)
 
     curve_set = None
@@ -71,13 +77,19 @@ def main(argv=None) -> dict:
     trainer = APLOTRewardTrainer(model, args, train_dataset=train, eval_dataset=curve_set,
                                  processing_class=tokenizer, peft_config=get_peft_config(model_cfg))
 
-    checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if checkpoint:
-        print(f"resuming from {checkpoint}")
+    # Only now, with every input checked, does the output directory change: partial leftovers of a
+    # killed run go, and so does an earlier run when this one starts over.
+    if trainer.accelerator.is_main_process:
+        plan.prepare()
+    trainer.accelerator.wait_for_everyone()
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     train_seconds = time.perf_counter() - start
-    trainer.save_model(str(out))
+    # Saved aside, then moved in weights-last: a kill mid-save never leaves weights without their tokenizer.
+    trainer.save_model(str(out / STAGING))
+    trainer.accelerator.wait_for_everyone()  # DeepSpeed may have every rank write its shard there
+    if trainer.accelerator.is_main_process:
+        publish_model(out / STAGING, out)
 
     zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
     metrics = {"loss_type": args.loss_type, "train_seconds": round(train_seconds, 2),
@@ -106,11 +118,14 @@ def main(argv=None) -> dict:
     return metrics
 
 
+RESULTS = ("metrics.json", "log_history.json", "training_curve.png", "reward_distributions.png", "training_args.bin")
+
+
 def check_writable(out: Path) -> None:
-    """Fail before any work when the output directory cannot be written."""
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"output directory is not writable: {out}")
+    """Fail before any work when the output directory cannot be written (used by every stage)."""
+    from aplot.outputs import check_output_dir
+
+    check_output_dir(out)
 
 
 if __name__ == "__main__":

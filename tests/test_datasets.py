@@ -103,7 +103,7 @@ def test_missing_column_names_file_column_and_existing_columns(tmp_path):
 @pytest.mark.parametrize("content,message", [
     (None, "dataset file does not exist: {path}"),
     ("", "{path}: the file is empty"),
-    ('{"chosen": "a", "rejected": "b"}\n{"chosen": "c", "rej', "{path}: could not be loaded"),
+    ('{"chosen": "a", "rejected": "b"}\n{"chosen": "c", "rej', "{path}: line 2 ends mid-row: the file looks truncated"),
 ])
 def test_unreadable_dataset_files_are_named(tmp_path, content, message):
     path = tmp_path / "d.jsonl"

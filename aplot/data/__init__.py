@@ -3,6 +3,8 @@ with a count of every row read, kept and dropped (by reason)."""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -57,6 +59,8 @@ def load_raw(name: str, config: str | None, split: str) -> tuple[Dataset, str]:
             raise UserError(f"dataset file does not exist: {name}")
         if path.stat().st_size == 0:
             raise UserError(f"{name}: the file is empty")
+        if path.suffix != ".parquet":
+            check_text_file(path, name)
         label, args = name, (FILE_FORMATS[path.suffix],)
         kwargs = {"data_files": str(path), "split": "train"}
     elif path.is_dir():
@@ -70,6 +74,77 @@ def load_raw(name: str, config: str | None, split: str) -> tuple[Dataset, str]:
     except Exception as err:  # datasets raises many types; the user needs the name and the first line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{label}: could not be loaded ({reason})") from None
+
+
+def check_text_file(path: Path, name: str) -> None:
+    """Read a local JSON lines, JSON or CSV file once before `datasets` does, so a broken one fails in
+    one line naming the line at fault (datasets says only "An error occurred while generating the
+    dataset", and a byte that is not UTF-8 surfaces only when the row is read, mid-run)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{name}: line {number} is not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                f"{err.start + 1})") from None
+    if path.suffix == ".csv":
+        return _check_csv(path, name)
+    text_start = path.read_bytes()[:4096].lstrip()
+    if path.suffix == ".json" and text_start.startswith(b"["):  # one JSON document, a list of rows
+        text = path.read_text(encoding="utf-8")
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.pos >= len(text.rstrip()):
+                raise UserError(f"{name}: ends in the middle of the JSON document at line {err.lineno}: "
+                                "the file looks truncated") from None
+            raise UserError(f"{name}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+        if not rows:
+            raise UserError(f"{name}: no rows (an empty list)")
+        return None
+    rows = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                if number == 1 and path.suffix == ".json":
+                    return None  # one JSON document over several lines: datasets reads or names it
+                if not raw.endswith(b"\n"):
+                    raise UserError(f"{name}: line {number} ends mid-row: the file looks truncated") from None
+                raise UserError(f"{name}: line {number} is not valid JSON (column {err.colno}: {err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{name}: line {number} is not a JSON object ({{\"column\": value, ...}}), "
+                                f"got a {type(row).__name__}")
+            rows += 1
+    if not rows:
+        raise UserError(f"{name}: no rows (only blank lines)")
+    return None
+
+
+def _check_csv(path: Path, name: str) -> None:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise UserError(f"{name}: no header line")
+            rows = 0
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise UserError(f"{name}: line {reader.line_num} has {len(row)} fields, the header has "
+                                    f"{len(header)}")
+                rows += bool(row)
+        except csv.Error as err:
+            if "end of data" in str(err):
+                raise UserError(f"{name}: line {reader.line_num} ends inside a quoted field: the file looks "
+                                "truncated") from None
+            raise UserError(f"{name}: line {reader.line_num} is not valid CSV ({err})") from None
+    if not rows:
+        raise UserError(f"{name}: no rows below the header")
 
 
 def load_prompts(path: str, split: str, n: int, fmt: str = "explicit", config: str | None = None,
