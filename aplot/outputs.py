@@ -101,21 +101,22 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match and path.is_dir() else None
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """Trainer writes `trainer_state.json` after the weights, optimizer and RNG states of a checkpoint."""
+def is_complete_checkpoint(path: Path, marker: str = "trainer_state.json") -> bool:
+    """Trainer writes `trainer_state.json` after the weights, optimizer and RNG states of a checkpoint;
+    a stage that adds files after it names its own last file as the `marker`."""
     try:
-        json.loads((path / "trainer_state.json").read_text())
+        json.loads((path / marker).read_text())
     except (OSError, ValueError):
         return False
     return any((path / name).exists() for name in WEIGHT_MARKERS)
 
 
-def checkpoints(out) -> tuple[list[Path], list[Path]]:
+def checkpoints(out, marker: str = "trainer_state.json") -> tuple[list[Path], list[Path]]:
     """(complete, incomplete) `checkpoint-N` directories of `out`, each oldest first."""
     out = Path(out)
     found = sorted((p for p in out.iterdir() if checkpoint_step(p) is not None), key=checkpoint_step) \
         if out.is_dir() else []
-    complete = [p for p in found if is_complete_checkpoint(p)]
+    complete = [p for p in found if is_complete_checkpoint(p, marker)]
     return complete, [p for p in found if p not in complete]
 
 
@@ -131,13 +132,14 @@ class RunPlan:
     `run_settings.json`; resuming a checkpoint made with other settings is refused.
     """
 
-    def __init__(self, out, resume: bool, settings: dict, checkpoint: str | None = None, results=()):
+    def __init__(self, out, resume: bool, settings: dict, checkpoint: str | None = None, results=(),
+                 marker: str = "trainer_state.json"):
         self.out, self.resume, self.results = Path(out), resume, tuple(results)
         self.settings = json.loads(json.dumps(settings, default=str))
-        complete, self.incomplete = checkpoints(self.out)
+        complete, self.incomplete = checkpoints(self.out, marker)
         if checkpoint:  # an explicit `resume_from_checkpoint`
             path = Path(checkpoint)
-            if not is_complete_checkpoint(path):
+            if not is_complete_checkpoint(path, marker):
                 raise UserError(f"resume_from_checkpoint: not a complete checkpoint: {checkpoint}")
             self.checkpoint = path
         else:

@@ -27,17 +27,21 @@ def main(argv=None) -> dict:
 
 def run(args) -> dict:
     import torch
+    from accelerate import PartialState
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     from aplot.data import load_prompts
     from aplot.evaluation import write_json
+    from aplot.outputs import STAGING, RunPlan, check_output_dir, publish_model
     from aplot.ppo import GoldEvaluation, RetokenizedReward, load_trainer_class, plot_gold_vs_kl_curve, same_tokenizer
     from aplot.reward_model import RewardScorer, check_path, load_reward_model, load_tokenizer
-    from pipelines.rm import check_writable
 
     out = Path(args.output_dir)
-    check_writable(out)
+    check_output_dir(out)
+    # Resume: the newest complete checkpoint holds the policy, the value model, the optimizer and
+    # scheduler state and the gold history; one made with other settings is refused before any work.
+    plan = RunPlan(out, args.resume, run_settings(args), results=RESULTS, marker=GOLD_HISTORY)
     for path, what in ((args.reward_model_path, "reward model"), (args.gold, "gold reward model"),
                        (args.value_model_path, "value model")):
         if path not in (None, "embedded"):
@@ -79,14 +83,10 @@ def run(args) -> dict:
     if len(train) < args.per_device_train_batch_size * args.gradient_accumulation_steps:
         raise UserError(f"only {len(train)} training prompts (after max_prompt_length), fewer than one PPO batch")
 
-    # Resume: the newest complete checkpoint of this output_dir holds the policy, the value model, the
-    # optimizer and scheduler state and the gold history of the interrupted run.
-    checkpoint = last_complete_checkpoint(out) if args.resume else None
-    done, history = 0, []
+    checkpoint, done, history = plan.checkpoint, 0, []
     if checkpoint is not None:
         done = int(checkpoint.name.split("-")[-1])
-        history = json.loads((checkpoint / "gold_history.json").read_text())
-        print(f"resuming from {checkpoint} (update {done})")
+        history = json.loads((checkpoint / GOLD_HISTORY).read_text())
     world = max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     total = math.ceil((args.total_episodes or int(args.num_train_epochs * len(train))) / batch)
@@ -94,6 +94,10 @@ def run(args) -> dict:
         print(f"{checkpoint} already holds all {total} updates")
     args.total_episodes = (total - done) * batch
 
+    if PartialState().is_main_process:
+        plan.prepare()
+    PartialState().wait_for_everyone()
+    set_seed(args.seed)  # before any fresh weights (a value head started from the policy) are made
     load = {"trust_remote_code": args.trust_remote_code}
     if args.dtype not in (None, "auto"):
         load["dtype"] = getattr(torch, args.dtype)
@@ -126,7 +130,7 @@ def run(args) -> dict:
     if done < total:
         trainer.train()
     seconds = time.perf_counter() - started
-    trainer.save_model(str(out))
+    trainer.save_model(str(out / STAGING))  # then moved in weights-last: a killed save never looks finished
 
     history = gold_eval.history
     zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
@@ -137,6 +141,7 @@ def run(args) -> dict:
                "before": history[0], "after": history[-1], "gold_curve": history,
                "ppo_log": trainer.state.log_history}
     if trainer.accelerator.is_main_process:
+        publish_model(out / STAGING, out)
         write_json(out / "metrics.json", metrics)
         write_json(out / "gold_curve.json", history)
         plot_gold_vs_kl_curve({out.name: history}, out / "gold_vs_kl.png")
@@ -160,14 +165,21 @@ def encode_prompts(tokenizer, prompts, max_length):
     return ids, {"prompts": len(prompts), "too_long": too_long}
 
 
-def last_complete_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint-N whose last file (the gold history) was written: a run killed while
-    saving leaves an incomplete one, which is skipped."""
-    if not out.is_dir():
-        return None
-    done = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            and (p / "gold_history.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+# A PPO checkpoint's last file (aplot.ppo writes it after the value model): its presence marks it complete.
+GOLD_HISTORY = "gold_history.json"
+RESULTS = ("metrics.json", "gold_curve.json", "gold_vs_kl.png", "training_args.bin")
+# What a checkpoint's run must share with the rerun that resumes it.
+RUN_KEYS = ("sft_model_path", "reward_model_path", "value_model_path", "retokenize_rewards", "gold", "prompt_dataset",
+            "prompt_config", "prompt_format", "prompt_split", "n_prompts", "max_prompt_length", "eval_prompt_split",
+            "n_eval_prompts", "eval_samples_per_prompt", "world_seed", "total_episodes", "num_train_epochs",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
+            "response_length", "temperature", "stop_token", "missing_eos_penalty", "kl_coef", "kl_estimator",
+            "learning_rate", "lr_scheduler_type", "cliprange", "vf_coef", "cliprange_value", "gamma", "lam",
+            "whiten_rewards", "seed", "dtype", "world_size")
+
+
+def run_settings(args) -> dict:
+    return {key: getattr(args, key) for key in RUN_KEYS}
 
 
 if __name__ == "__main__":

@@ -185,3 +185,17 @@ def test_demo_summary_reads_each_stage_and_names_a_missing_one(tmp_path, embedde
     assert (tmp_path / "gold_vs_kl.png").exists()  # every PPO run's curve in one figure
     with pytest.raises(UserError, match=r"^/nonexistent/metrics.json does not exist: run that stage first$"):
         summary.main(["--rm", "/nonexistent"])
+
+
+def test_rerun_with_other_settings_is_refused_and_resume_false_starts_over(tmp_path, embedded_rms):
+    from pipelines import ppo
+
+    recipe = ppo_recipe(tmp_path, embedded_rms, total_episodes=16, save_steps=1)
+    ppo.main(["--config", recipe])
+    out = tmp_path / "ppo"
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError, match=r"checkpoint-1 was trained with other settings \(kl_coef\)"):
+        ppo.main(["--config", recipe, "--kl_coef", "0.2"])
+    assert sorted(p.name for p in out.iterdir()) == before  # refused before touching anything
+    metrics = ppo.main(["--config", recipe, "--kl_coef", "0.2", "--resume", "false"])
+    assert metrics["resumed_from_update"] is None and metrics["kl_coef"] == 0.2
