@@ -4,7 +4,7 @@
 #   make bon  [RECIPE=recipes/bon/x.yaml]  [ARGS="--n_samples 16 --backend transformers"]
 #   make ppo  [RECIPE=recipes/ppo/x.yaml]  [ARGS="--reward_model_path outputs/rm/embedded-bt"]
 #   make demo: rm (bt and aplot), bon, ppo (bt and aplot) on the embedded default, then a summary
-#   make test | make bench-step
+#   make test | make bench-step | make bench [QUICK=1]
 # rm, bon and ppo run data-parallel with NPROC=N processes per node (torchrun), on several nodes with
 # NNODES, NODE_RANK and MASTER_ADDR, or through an accelerate launch config (ACCELERATE_CONFIG=...).
 
@@ -43,7 +43,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install rm eval bon ppo demo test bench-step clean
+.PHONY: install rm eval bon ppo demo test bench-step bench clean
 
 # Each stage has its own default recipe; RECIPE=... on the command line picks another.
 rm:   RECIPE ?= recipes/rm/embedded.yaml
@@ -99,6 +99,11 @@ test: install
 
 bench-step: install
 	$(PY) -m benchmarks.step_time $(ARGS)
+
+# APLOT against its baselines and the pipeline's speed: benchmarks/RESULTS.md, results.json and plots,
+# regenerated from scratch (about an hour; QUICK=1: every section, smaller, about 10 minutes).
+bench: install
+	$(PY) -m benchmarks.run $(if $(QUICK),--quick) $(ARGS)
 
 clean:
 	rm -rf outputs wandb

@@ -31,21 +31,28 @@ def cost_matrix(chosen_rewards, rejected_rewards, chosen_hidden, rejected_hidden
 
 
 def transport_plan(cost, epsilon=0.1, n_iters=50):
-    """Entropic OT plan with uniform marginals from POT's Sinkhorn, on the cost's device."""
+    """Entropic OT plan with uniform marginals, on the cost's device: n_iters Sinkhorn iterations,
+    a plain exp-domain loop on CPU where that is exact, POT's log-domain solver otherwise."""
     b = cost.shape[0]
-    # stopThr=0 runs exactly n_iters iterations, as the method specifies; the "did not
-    # converge" warning that follows is expected, hence warn=False.
-    solve = dict(numItermax=n_iters, stopThr=0, warn=False)
     if cost.device.type == "cpu":
-        # On CPU, POT's numpy backend on a view of the tensor costs a fraction of its torch backend
-        # per iteration at batch sizes (benchmarks/step_time.py). Its exp-domain iterations equal
-        # the log-domain ones while exp(-C/epsilon) stays far from under/overflow in float64.
         c = cost.numpy()
-        marginal = np.full(b, 1.0 / b)
         if (c.max() - c.min()) / epsilon < 50:
-            return torch.from_numpy(ot.sinkhorn(marginal, marginal, c, epsilon, method="sinkhorn", **solve))
+            # Exp-domain iterations equal the log-domain ones while exp(-C/epsilon) stays far from
+            # under/overflow in float64. Written out rather than POT's `method="sinkhorn"`: on a batch
+            # of 16 POT's per-iteration checks cost several times the arithmetic (0.9 ms against
+            # 0.14 ms, the `sinkhorn_solve_ms` rows of benchmarks/RESULTS.md), a few % of a step.
+            kernel = np.exp(-c / epsilon)
+            marginal = np.full(b, 1.0 / b)
+            u, v = np.ones(b), np.ones(b)
+            for _ in range(n_iters):
+                u = marginal / (kernel @ v)
+                v = marginal / (kernel.T @ u)
+            return torch.from_numpy(u[:, None] * kernel * v[None, :])
     marginal = torch.full((b,), 1.0 / b, dtype=cost.dtype, device=cost.device)
-    return ot.sinkhorn(marginal, marginal, cost, epsilon, method="sinkhorn_log", **solve)
+    # stopThr=0 runs exactly n_iters iterations, as the method specifies; the "did not converge"
+    # warning that follows is expected, hence warn=False.
+    return ot.sinkhorn(marginal, marginal, cost, epsilon, method="sinkhorn_log", numItermax=n_iters,
+                       stopThr=0, warn=False)
 
 
 @torch.no_grad()

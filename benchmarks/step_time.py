@@ -5,7 +5,7 @@ backward, optimizer) are interleaved, alternating which goes first, so machine n
 alike. Prints the median of the per-step time ratios with its interquartile range, and the OT
 solve's share of an APLOT step.
 
-    python -m benchmarks.step_time [--steps 60] [--batch 32] [--recipe recipes/rm/embedded.yaml]
+    python -m benchmarks.step_time [--steps 60] [--batch 16] [--threads 1] [--recipe recipes/rm/embedded.yaml]
 """
 
 from __future__ import annotations
@@ -25,19 +25,32 @@ def quartiles(values):
 
 
 def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/rm/embedded.yaml")
+    parser.add_argument("--steps", type=int, default=60, help="measured steps per trainer")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16, help="pairs per step (the embedded recipe: 16)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, as make rm)")
+    parser.add_argument("--max_seconds", type=float, default=None,
+                        help="stop measuring after this long (at least 5 steps): when other work keeps the cores "
+                             "busy, multi-threaded steps can take 50x longer")
+    opts = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        return measure(opts)
+    finally:
+        torch.set_num_threads(threads)  # called in-process by the bench: leave the process as it was
+
+
+def measure(opts):
     from datasets import Dataset
 
     from aplot.config import parse_rm_recipe
     from aplot.data import load_train
     from aplot.reward_model import build_reward_model, load_tokenizer
     from aplot.trainer import APLOTRewardTrainer
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="recipes/rm/embedded.yaml")
-    parser.add_argument("--steps", type=int, default=60, help="measured steps per trainer")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16, help="pairs per step (the embedded recipe: 16)")
-    opts = parser.parse_args(argv)
 
     n_pairs = opts.batch * (opts.steps + opts.warmup)
     common = ["--config", opts.recipe, "--output_dir", "/tmp/aplot-bench-step", "--report_to", "none",
@@ -59,7 +72,10 @@ def main(argv=None):
     batches = list(trainers["bt"].get_train_dataloader())
 
     times = {name: [] for name in trainers}
+    began = time.perf_counter()
     for step, batch in enumerate(batches):
+        if opts.max_seconds and time.perf_counter() - began > opts.max_seconds and len(times["bt"]) >= 5:
+            break
         order = list(trainers) if step % 2 == 0 else list(reversed(trainers))
         for name in order:
             trainer = trainers[name]
@@ -75,14 +91,14 @@ def main(argv=None):
     solve = trainers["aplot"]._metrics["train"]["ot_solve_ms"][opts.warmup:]
     r_lo, r_med, r_hi = quartiles(ratios)
     result = {
-        "steps": len(ratios), "pairs_per_step": opts.batch,
+        "steps": len(ratios), "pairs_per_step": opts.batch, "threads": torch.get_num_threads(),
         "bt_step_ms": statistics.median(times["bt"]) * 1e3,
         "aplot_step_ms": statistics.median(times["aplot"]) * 1e3,
         "aplot_over_bt": r_med, "aplot_over_bt_iqr": [r_lo, r_hi],
         "ot_solve_ms": statistics.median(solve),
         "ot_solve_share_of_aplot_step": statistics.median(solve) / (statistics.median(times["aplot"]) * 1e3),
     }
-    print(f"BT step     {result['bt_step_ms']:7.1f} ms (median of {len(ratios)})")
+    print(f"BT step     {result['bt_step_ms']:7.1f} ms (median of {len(ratios)}, {result['threads']} threads)")
     print(f"APLOT step  {result['aplot_step_ms']:7.1f} ms")
     print(f"APLOT/BT step-time ratio: {r_med:.3f} (interquartile {r_lo:.3f}-{r_hi:.3f}; target <= 1.05)")
     print(f"OT solve: {result['ot_solve_ms']:.2f} ms, {100 * result['ot_solve_share_of_aplot_step']:.1f} % "

@@ -1,15 +1,124 @@
-"""The step-time benchmark runs on the embedded default and reports a ratio from its own timings."""
+"""The benchmark machinery: the step-time ratio from its own timings, the micro form of `make bench`
+end to end through the real pipelines, and a results file that is computed from the json alone."""
+
+import copy
+import json
+from pathlib import Path
 
 import pytest
 
-from benchmarks import step_time
+from benchmarks import quality, report, run, step_time
+from benchmarks.settings import FULL, QUICK
 
 
 def test_step_time_benchmark_reports_the_ratio_of_its_medians():
-    result = step_time.main(["--steps", "4", "--warmup", "1", "--batch", "4"])
-    assert result["steps"] == 4 and result["pairs_per_step"] == 4
+    result = step_time.main(["--steps", "4", "--warmup", "1", "--batch", "4", "--threads", "1"])
+    assert result["steps"] == 4 and result["pairs_per_step"] == 4 and result["threads"] == 1
     assert result["bt_step_ms"] > 0 and result["aplot_step_ms"] > 0 and result["ot_solve_ms"] > 0
     low, high = result["aplot_over_bt_iqr"]
     assert low <= result["aplot_over_bt"] <= high
     assert result["ot_solve_share_of_aplot_step"] == pytest.approx(
         result["ot_solve_ms"] / result["aplot_step_ms"])
+
+
+@pytest.mark.parametrize("form", [FULL, QUICK])
+def test_plans_cover_every_section_once(form):
+    specs = quality.plan(form)
+    ids = [s["id"] for s in specs]
+    assert len(ids) == len(set(ids))
+    for seed in form.seeds:
+        for noise in form.noise_levels:
+            for method in form.methods:
+                assert quality.run_id(method, seed, noise) in ids
+        assert all(quality.run_id("aplot", seed, gamma=g) in ids for g in form.gammas)
+        assert all(quality.run_id("aplot", seed, scale=x) in ids for x in form.scales)
+    # the convergence curve is logged by the default runs at noise 0, and only there
+    assert {s["id"] for s in specs if s["logs_curve"]} == {quality.run_id(m, seed) for m in form.methods
+                                                      for seed in form.seeds}
+    argv = quality.rm_argv(next(s for s in specs if s["method"] == "margin"), form, Path("out"))
+    assert argv[argv.index("--margin_value") + 1] == str(form.margin_value)
+    assert argv[argv.index("--n_train") + 1] == str(16 * form.max_steps)
+
+
+@pytest.mark.slow
+def test_micro_bench_runs_every_stage_and_writes_results_from_its_json(tmp_path):
+    from aplot.policy import ensure_embedded_policy
+
+    policy = ensure_embedded_policy(str(tmp_path / "policy"), n_examples=128, batch_size=32)
+    results = run.main(["--form", "micro", "--out", str(tmp_path / "work"), "--results", str(tmp_path / "res"),
+                        "--policy", policy])
+    runs = results["runs"]
+    assert {r["id"] for r in runs} == {s["id"] for s in quality.plan(run.FORMS["micro"])}
+    assert all(r["status"] == "ok" for r in runs), [r.get("error") for r in runs]
+    # the numbers are the pipeline's own: what pipelines.rm wrote for that run
+    bt = next(r for r in runs if r["id"] == quality.run_id("bt", 0))
+    saved = json.loads((tmp_path / "work" / "rm" / bt["id"] / "metrics.json").read_text())
+    assert bt["eval"]["test_id"]["accuracy"] == saved["eval"]["test_id"]["accuracy"]
+    assert bt["curve"] and all(step > 0 for step, _ in bt["curve"])
+    assert results["bon"]["status"] == "ok" and results["bon"]["n_samples"] == 4
+    assert results["speed_step"]["1"]["aplot_over_bt"]["median"] > 0
+    assert results["speed_scoring"]["scorer_ids_over_bare"]["median"] > 0
+
+    res = tmp_path / "res"
+    on_disk = json.loads((res / "results.json").read_text())
+    assert on_disk["runs"] == json.loads(json.dumps(runs))
+    text = (res / "RESULTS.md").read_text()
+    assert text == report.render(on_disk, {name: (res / f"{name}.png").exists()
+                                           for name in ("quality", "convergence", "sweeps", "bon", "speed")})
+    for name in ("quality", "convergence", "bon", "speed"):
+        assert (res / f"{name}.png").stat().st_size > 1000
+    assert f"{bt['eval']['test_id']['accuracy']:.3f}" in text
+    assert "## Where APLOT does and does not beat BT" in text
+
+
+def fake_results(id_acc_aplot, id_acc_bt, seeds=(0, 1, 2)):
+    """A results json with only what the quality section reads."""
+    runs = []
+    for method, accs in (("aplot", id_acc_aplot), ("bt", id_acc_bt)):
+        for seed, acc in zip(seeds, accs):
+            runs.append({"id": quality.run_id(method, seed), "method": method, "seed": seed, "noise": 0.0,
+                         "gamma": 0.1, "scale": 1.0, "logs_curve": True, "status": "ok", "wall_seconds": 1.0,
+                         "train_seconds": 1.0,
+                         "curve": [[25, acc - 0.1], [50, acc]],
+                         "eval": {split: {"accuracy": acc, "hard_accuracy": acc, "auc": acc, "mean_reward_margin": 1}
+                                  for split in ("test_id", "test_ood")}})
+    settings = copy.deepcopy(run.FORMS["micro"].to_dict())
+    settings.update(methods=["bt", "aplot"], noise_levels=[0.0], seeds=list(seeds), max_steps=50, eval_steps=25,
+                    target_accuracy=0.75)
+    return {"form": "micro", "settings": settings, "targets": run.TARGETS, "confidence": run.CONFIDENCE,
+            "started": "now", "wall_seconds": 60, "sections": {"runs": 1.0}, "runs": runs,
+            "environment": {"cpu_count": 2, "commit": "x", "packages": {}}}
+
+
+@pytest.mark.parametrize("aplot,bt,verdict", [
+    ((0.90, 0.91, 0.92), (0.80, 0.82, 0.81), "**APLOT beats BT**"),
+    ((0.80, 0.82, 0.81), (0.90, 0.91, 0.92), "**APLOT does worse than BT**"),
+    ((0.85, 0.80, 0.83), (0.82, 0.84, 0.81), "**no clear difference**"),
+])
+def test_verdicts_follow_the_numbers(tmp_path, aplot, bt, verdict):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(fake_results(aplot, bt)))
+    text = report.write(path, tmp_path)
+    line = next(x for x in text.splitlines() if x.startswith("- In-distribution accuracy"))
+    assert verdict in line
+    diff = sum(a - b for a, b in zip(aplot, bt)) / 3
+    assert f"{diff:+.3f}" in line
+    assert (tmp_path / "RESULTS.md").read_text() == text
+
+
+def test_one_seed_gets_no_verdict_and_a_changed_number_changes_the_file(tmp_path):
+    results = fake_results((0.9,), (0.8,), seeds=(0,))
+    first = report.render(results, {})
+    assert "one seed only, APLOT − BT = +0.100; no verdict" in first
+    results["runs"][0]["eval"]["test_id"]["accuracy"] = 0.7
+    assert "APLOT − BT = -0.100" in report.render(results, {})
+
+
+def test_resume_reads_finished_trainings_back_instead_of_training(tmp_path):
+    form = run.FORMS["micro"]
+    for spec in quality.plan(form):
+        (tmp_path / f"{spec['id']}.json").write_text(json.dumps({**spec, "status": "ok", "wall_seconds": 0}))
+    messages = []
+    records = quality.run_all(form, tmp_path, log=messages.append, resume=True)
+    assert [r["id"] for r in records] == [s["id"] for s in quality.plan(form)]
+    assert messages == [f"resuming: {len(records)} trainings already done"]

@@ -1,0 +1,559 @@
+"""benchmarks/results.json -> benchmarks/RESULTS.md and the plots: every number and every verdict in
+the results file is computed here from the raw numbers, none is typed by hand.
+
+    python -m benchmarks.report [benchmarks/results.json] [--out benchmarks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import textwrap
+from pathlib import Path
+
+METRICS = {  # column: (eval set, key in the run record, label)
+    "id_acc": ("test_id", "accuracy", "ID acc"),
+    "ood_acc": ("test_ood", "accuracy", "OOD acc"),
+    "id_hard": ("test_id", "hard_accuracy", "ID hard"),
+    "ood_hard": ("test_ood", "hard_accuracy", "OOD hard"),
+    "id_auc": ("test_id", "auc", "ID AUC"),
+    "ood_auc": ("test_ood", "auc", "OOD AUC"),
+}
+DEFAULT_GAMMA, DEFAULT_SCALE = 0.1, 1.0
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+def mean_std(values) -> tuple[float, float, int]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, math.nan, 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def fmt(mean, std=None, n=None, digits=3) -> str:
+    if n == 0 or mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    text = f"{mean:.{digits}f}"
+    return text if std is None or (n is not None and n < 2) else f"{text} ± {std:.{digits}f}"
+
+
+def value(run, metric):
+    split, key, _ = METRICS[metric]
+    return run.get("eval", {}).get(split, {}).get(key)
+
+
+def ok_runs(results) -> list[dict]:
+    runs = results.get("runs")
+    return [r for r in runs if r.get("status") == "ok"] if isinstance(runs, list) else []
+
+
+def default_runs(results, method, noise=0.0) -> dict[int, dict]:
+    """The runs of a method at a noise level with the recipe's gamma and scale, by seed."""
+    return {r["seed"]: r for r in ok_runs(results) if r["method"] == method and r["noise"] == noise
+            and r["gamma"] == DEFAULT_GAMMA and r["scale"] == DEFAULT_SCALE}
+
+
+def compare(aplot: dict, bt: dict, confidence: float, higher_is_better=True) -> dict:
+    """APLOT - BT paired by seed (same initialisation and data order): mean, Student-t interval, verdict."""
+    seeds = sorted(set(aplot) & set(bt))
+    diffs = [aplot[s] - bt[s] for s in seeds if aplot[s] is not None and bt[s] is not None]
+    n = len(diffs)
+    out = {"n": n, "diffs": diffs}
+    if n == 0:
+        return {**out, "verdict": "not measured"}
+    mean = statistics.fmean(diffs)
+    out["mean"] = mean
+    if n == 1:
+        return {**out, "verdict": "one seed"}
+    from scipy.stats import t
+
+    half = t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    out.update(low=mean - half, high=mean + half, ahead=sum((d > 0) == higher_is_better and d != 0 for d in diffs))
+    good, bad = (out["low"] > 0, out["high"] < 0) if higher_is_better else (out["high"] < 0, out["low"] > 0)
+    out["verdict"] = "beats" if good else "worse" if bad else "no clear difference"
+    return out
+
+
+def steps_to(curve, target):
+    """The first logged step from which test_id accuracy stays at or above `target` to the end of the
+    run, or None. Early curves spike and fall back (the warm-up's high learning rate), so the first
+    crossing alone would time a spike rather than convergence."""
+    step = None
+    for at, acc in curve:
+        if acc < target:
+            step = None
+        elif step is None:
+            step = at
+    return step
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+def verdict_line(claim: str, c: dict, confidence: float, unit="", digits=3, lower_wording=False) -> str:
+    """One plain sentence per claim, from `compare`'s numbers."""
+    if c["verdict"] == "not measured":
+        return f"- {claim}: not measured."
+    d = f"{c['mean']:+.{digits}f}{unit}"
+    if c["verdict"] == "one seed":
+        return (f"- {claim}: one seed only, APLOT − BT = {d}; no verdict (one seed cannot show the "
+                f"seed-to-seed spread).")
+    ci = (f"{confidence:.0%} CI {c['low']:+.{digits}f} to {c['high']:+.{digits}f}{unit}, {c['n']} seeds, "
+          f"APLOT {'faster' if lower_wording else 'ahead'} in {c['ahead']} of {c['n']}")
+    word = {"beats": "**APLOT beats BT**", "worse": "**APLOT does worse than BT**",
+            "no clear difference": "**no clear difference**"}[c["verdict"]]
+    return f"- {claim}: {word}, APLOT − BT = {d} ({ci})."
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality(results, path) -> bool:
+    s = results["settings"]
+    methods, noises = s["methods"], s["noise_levels"]
+    if not ok_runs(results):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=False)
+    width = 0.8 / len(methods)
+    for ax, metric in zip(axes, ("id_acc", "ood_acc", "id_hard")):
+        for i, method in enumerate(methods):
+            stats = [mean_std([value(r, metric) for r in default_runs(results, method, nz).values()]) for nz in noises]
+            ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(noises))], [m for m, _, _ in stats],
+                   width, yerr=[sd for _, sd, _ in stats], label=method, capsize=2)
+        ax.set_xticks(range(len(noises)), [f"{nz:.0%} flipped" for nz in noises])
+        ax.set_title(METRICS[metric][2] + " (mean ± sd over seeds)")
+        ax.set_ylim(0.45, 1.0)
+        ax.axhline(0.5, color="grey", lw=0.5)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_convergence(results, path) -> bool:
+    s = results["settings"]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    drawn = False
+    for method in s["methods"]:
+        curves = [r["curve"] for r in default_runs(results, method).values() if r.get("curve")]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*[{st for st, _ in c} for c in curves]))
+        acc = [[dict(map(tuple, c))[st] for c in curves] for st in steps]
+        mean = [statistics.fmean(a) for a in acc]
+        sd = [statistics.stdev(a) if len(a) > 1 else 0 for a in acc]
+        ax.plot(steps, mean, label=method, lw=1.8 if method in ("bt", "aplot") else 1)
+        ax.fill_between(steps, [m - e for m, e in zip(mean, sd)], [m + e for m, e in zip(mean, sd)], alpha=0.15)
+        drawn = True
+    ax.axhline(s["target_accuracy"], color="grey", ls="--", lw=0.8, label=f"target {s['target_accuracy']}")
+    ax.set(xlabel="training step (16 pairs)", ylabel="test_id accuracy (curve pairs)",
+           title="Convergence (mean ± sd over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def sweep(results, key):
+    """{setting: {metric: (mean, sd, n)}} of the APLOT runs at noise 0 that vary `key` alone."""
+    other = "scale" if key == "gamma" else "gamma"
+    fixed = DEFAULT_SCALE if key == "gamma" else DEFAULT_GAMMA
+    runs = [r for r in ok_runs(results) if r["method"] == "aplot" and r["noise"] == 0 and r[other] == fixed]
+    return {v: {m: mean_std([value(r, m) for r in runs if r[key] == v]) for m in METRICS}
+            for v in sorted({r[key] for r in runs})}
+
+
+def plot_sweeps(results, path) -> bool:
+    plt = _plt()
+    bt = {m: mean_std([value(r, m) for r in default_runs(results, "bt").values()]) for m in METRICS}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    drawn = False
+    for ax, key in zip(axes, ("gamma", "scale")):
+        table = sweep(results, key)
+        if not table:
+            continue
+        xs = list(table)
+        for metric, style in (("id_acc", "o-"), ("ood_acc", "s-"), ("id_hard", "^-")):
+            ax.errorbar(xs, [table[x][metric][0] for x in xs], yerr=[table[x][metric][1] for x in xs], fmt=style,
+                        capsize=2, label=f"APLOT {METRICS[metric][2]}")
+            if bt[metric][2]:
+                ax.axhline(bt[metric][0], ls=":", lw=0.8, color=ax.lines[-1].get_color(),
+                           label=f"BT {METRICS[metric][2]}")
+        ax.set(xlabel=key if key == "gamma" else "margin_scale (log)", ylabel="accuracy",
+               title=f"APLOT {key} sweep (noise 0, mean ± sd)")
+        if key == "scale":
+            ax.set_xscale("log")
+        ax.legend(fontsize=6)
+        drawn = True
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def bon_by_method(results) -> dict:
+    """{method: {n: [gold per seed]}} and {n: kl} from the Best-of-N table."""
+    bon = results.get("bon", {})
+    by_method, kl = {}, {}
+    for row in bon.get("table", []):
+        model = bon["models"].get(row["proxy"])
+        if model:
+            by_method.setdefault(model["method"], {}).setdefault(row["n"], {})[model["seed"]] = row["gold"]
+            kl[row["n"]] = row["kl"]
+    return by_method, kl
+
+
+def plot_bon(results, path) -> bool:
+    by_method, kl = bon_by_method(results)
+    if not by_method:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, by_n in by_method.items():
+        ns = sorted(by_n)
+        stats = [mean_std(list(by_n[n].values())) for n in ns]
+        ax.errorbar([kl[n] for n in ns], [m for m, _, _ in stats], yerr=[sd for _, sd, _ in stats], fmt="o-",
+                    capsize=2, label=method)
+        for n, (m, _, _) in zip(ns, stats):
+            ax.annotate(str(n), (kl[n], m), fontsize=7, alpha=0.6, textcoords="offset points", xytext=(2, 3))
+    oracle = results["bon"].get("oracle_gold_at_n", {})
+    ax.set(xlabel="KL(best-of-n || policy)", ylabel="gold reward of the proxy's pick",
+           title="Best-of-N (mean ± sd over seeds)" + (" — oracle in the table" if oracle else ""))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def speed_rows(results) -> list[dict]:
+    """The speed section's ratios: what, median, spread, target (None: none), and whether it is met."""
+    targets, rows = results["targets"], []
+
+    def add(what, spread_, target=None, at_most=True):
+        if not isinstance(spread_, dict) or "median" not in spread_:
+            rows.append({"what": what, "median": None, "target": target, "at_most": at_most})
+            return
+        met = None if target is None else (spread_["median"] <= target if at_most else spread_["median"] >= target)
+        rows.append({"what": what, **spread_, "target": target, "at_most": at_most, "met": met})
+
+    for threads, step in threaded(results.get("speed_step")):
+        add(f"APLOT / BT training-step time, {threads} thread{'s' * (threads > 1)}", step.get("aplot_over_bt"),
+            targets["aplot_over_bt_step_time_max"])
+        add(f"OT margin (cost, plan, margins) share of an APLOT step, {threads} thread{'s' * (threads > 1)}",
+            step.get("ot_solve_share"))
+    for b, row in results.get("speed_sinkhorn", {}).items():
+        if isinstance(row, dict) and "pot_over_transport_plan" in row:
+            add(f"Sinkhorn plan, batch {b}: POT time / `transport_plan` time", row["pot_over_transport_plan"])
+    gen = results.get("speed_generation", {})
+    for name, label in (("embedded_policy", "embedded policy"), ("medium_qwen2", "larger Qwen2")):
+        if name in gen:
+            add(f"vLLM / transformers samples per second, {label}, transformers at torch's default threads",
+                gen[name].get("vllm_over_transformers"))
+            add(f"vLLM / transformers samples per second, {label}, transformers at 1 thread",
+                gen[name].get("vllm_over_transformers_1thread"))
+            add(f"vLLM / transformers samples per second, {label}, against the faster of the two",
+                gen[name].get("vllm_over_faster_transformers"), targets["vllm_over_transformers_min"],
+                at_most=False)
+    score = results.get("speed_scoring", {})
+    add("RewardScorer (token ids) / bare forward, sequences per second", score.get("scorer_ids_over_bare"),
+        targets["scorer_over_bare_min"], at_most=False)
+    # From texts the scorer also tokenizes, which the bare forward of ready tokens does not: shown, not held
+    # to the target.
+    add("RewardScorer from texts (tokenizing included) / bare forward of the tokens",
+        score.get("scorer_texts_over_bare"))
+    return rows
+
+
+def threaded(speed_step) -> list[tuple[int, dict]]:
+    """The step-time measurements by thread count, fewest threads first."""
+    if not isinstance(speed_step, dict):
+        return []
+    return sorted(((v["threads"], v) for v in speed_step.values() if isinstance(v, dict) and "threads" in v),
+                  key=lambda x: x[0])
+
+
+def plot_speed(results, path) -> bool:
+    rows = [r for r in speed_rows(results) if r.get("median") is not None]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(rows) + 1.2))
+    ys = list(range(len(rows)))[::-1]
+    for y, r in zip(ys, rows):
+        ax.barh(y, r["median"], xerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], capsize=3,
+                color="tab:green" if r["met"] else "tab:red" if r["met"] is False else "tab:grey")
+        if r["target"] is not None:
+            ax.plot([r["target"]] * 2, [y - 0.4, y + 0.4], "k--", lw=1)
+    ax.set_yticks(ys, [textwrap.fill(r["what"].replace("`", ""), 44) for r in rows], fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel="ratio (median, min-max bars; dashed: target)", title="Speed ratios, measured side by side")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------- report
+
+def render(results: dict, plots: dict[str, bool]) -> str:
+    s, conf = results["settings"], results["confidence"]
+    runs = results.get("runs") if isinstance(results.get("runs"), list) else []
+    failed = [r for r in runs if r.get("status") != "ok"]
+    env = results["environment"]
+    out = ["# Benchmark results", "",
+           f"Generated by `make bench{' QUICK=1' if s['name'] == 'quick' else ''}` (`python -m benchmarks.run"
+           f"{' --form ' + s['name'] if s['name'] != 'full' else ''}`) from `results.json` beside this file, by "
+           "`benchmarks/report.py`: no number here is typed by hand. "
+           f"Form **{s['name']}**, started {results['started']}, {results.get('wall_seconds', 0) / 60:.1f} min "
+           f"wall time; {env['cpu_count']} CPUs, commit {env['commit']}, "
+           + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + ".", ""]
+
+    if results.get("resumed_from"):
+        kept = ", ".join(results["resumed_from"]["sections"])
+        out += [f"This bench was interrupted (started {results['resumed_from']['started']}) and continued with "
+                f"`--resume`: its finished sections ({kept}) and trainings were kept; all attempts together took "
+                f"{results.get('wall_seconds_all_attempts', results.get('wall_seconds', 0)) / 60:.1f} min of "
+                "section time.", ""]
+
+    # How the runs were made.
+    out += ["Every training is `make rm` (pipelines.rm) on `" + s["recipe"] + "` with these overrides: "
+            f"{s['max_steps']} steps of 16 pairs (n_train {16 * s['max_steps']}, one epoch), {s['warmup_steps']} "
+            f"warm-up steps, final evaluation on {s['n_eval']} pairs of each of test_id and test_ood, "
+            f"{len(s['seeds'])} seed(s) ({', '.join(map(str, s['seeds']))}; the seed sets initialisation and data "
+            f"order, the world is the same), `margin` with margin_value {s['margin_value']}, `label_smoothing` "
+            "at the recipe's value. "
+            f"{len(runs)} trainings, {len(failed)} failed, {s['workers'] or 1} at a time with one thread each.", ""]
+    if failed:
+        out += ["Failed runs (left out of every mean below): " + "; ".join(f"`{r['id']}` ({r['error']})"
+                                                                          for r in failed), ""]
+    out += [f"Verdicts compare APLOT with BT run for run on the same seed: the mean of the paired differences "
+            f"and its {conf:.0%} confidence interval (Student t over seeds). APLOT *beats* BT where the whole "
+            "interval is on its side, does *worse* where it is on BT's side, and otherwise there is *no clear "
+            "difference*; a single seed gets no verdict.", ""]
+
+    # Verdicts.
+    verdicts = []
+    bt0, ap0 = default_runs(results, "bt"), default_runs(results, "aplot")
+    for metric, claim in (("id_acc", "In-distribution accuracy (test_id)"),
+                          ("ood_acc", "Out-of-distribution accuracy (test_ood)"),
+                          ("id_hard", "Hard-pair accuracy, test_id"), ("ood_hard", "Hard-pair accuracy, test_ood"),
+                          ("id_auc", "Reward separation (AUC), test_id")):
+        c = compare({k: value(r, metric) for k, r in ap0.items()}, {k: value(r, metric) for k, r in bt0.items()}, conf)
+        verdicts.append(verdict_line(claim, c, conf))
+    for noise in [nz for nz in s["noise_levels"] if nz > 0]:
+        bt_n, ap_n = default_runs(results, "bt", noise), default_runs(results, "aplot", noise)
+        for metric, where in (("id_acc", "in-distribution"), ("ood_acc", "out-of-distribution")):
+            c = compare({k: value(r, metric) for k, r in ap_n.items()}, {k: value(r, metric) for k, r in bt_n.items()},
+                        conf)
+            verdicts.append(verdict_line(f"Under {noise:.0%} flipped labels, {where} accuracy", c, conf))
+    censored = s["max_steps"] + s["eval_steps"]
+    steps = {m: {k: steps_to(r.get("curve") or [], s["target_accuracy"]) for k, r in default_runs(results, m).items()}
+             for m in s["methods"]}
+    c = compare({k: v if v is not None else censored for k, v in steps.get("aplot", {}).items()},
+                {k: v if v is not None else censored for k, v in steps.get("bt", {}).items()}, conf,
+                higher_is_better=False)
+    verdicts.append(verdict_line(f"Convergence, steps to {s['target_accuracy']} test_id accuracy (fewer is better)",
+                                 c, conf, unit=" steps", digits=0, lower_wording=True))
+    by_method, kl = bon_by_method(results)
+    for n in sorted({n for by_n in by_method.values() for n in by_n} & {16, 64}):
+        if {"bt", "aplot"} <= set(by_method):
+            c = compare(by_method["aplot"].get(n, {}), by_method["bt"].get(n, {}), conf)
+            verdicts.append(verdict_line(f"Best-of-{n}, gold reward of the proxy's pick", c, conf))
+    out += ["## Where APLOT does and does not beat BT", "", *verdicts, ""]
+
+    rows = speed_rows(results)
+    out += ["Speed targets: " + "; ".join(
+        f"{r['what']} {'≤' if r['at_most'] else '≥'} {r['target']:g}: "
+        + ("not measured" if r.get("median") is None else f"{r['median']:.3f}, **{'met' if r['met'] else 'not met'}**")
+        for r in rows if r["target"] is not None) + ".", ""]
+
+    # 1. Quality.
+    out += ["## 1. Quality", "",
+            "Mean ± standard deviation over seeds (n = seeds that finished). ID/OOD: test_id/test_ood; hard: "
+            "the pairs tagged hard (one word-edit apart); AUC: P(a chosen reward > a rejected reward), the "
+            "separation of the two reward distributions. Best mean per column in bold.", ""]
+    for noise in s["noise_levels"]:
+        table = {m: {k: mean_std([value(r, k) for r in default_runs(results, m, noise).values()]) for k in METRICS}
+                 for m in s["methods"]}
+        best = {k: max((table[m][k][0] for m in table if table[m][k][2]), default=None) for k in METRICS}
+        body = []
+        for m in s["methods"]:
+            cells = []
+            for k in METRICS:
+                mean, sd, n = table[m][k]
+                cell = fmt(mean, sd, n)
+                cells.append(f"**{cell}**" if n and mean == best[k] and len(table) > 1 else cell)
+            body.append([f"`{m}`", str(table[m]["id_acc"][2]), *cells])
+        out += [f"**{noise:.0%} of training labels flipped**", "",
+                md_table(["method", "n", *[v[2] for v in METRICS.values()]], body), ""]
+    if plots.get("quality"):
+        out += ["![quality](quality.png)", ""]
+
+    # 2. Convergence.
+    out += ["## 2. Convergence", "",
+            f"test_id accuracy on {s['curve_eval_pairs']} pairs every {s['eval_steps']} steps (noise 0, the "
+            f"paper's Figure 3), and the first logged step from which it stays at or above "
+            f"{s['target_accuracy']} to the end of the run (runs that never settle there count as {censored} in "
+            "the verdict).", ""]
+    body = []
+    for m in s["methods"]:
+        reached = [v for v in steps.get(m, {}).values() if v is not None]
+        mean, sd, n = mean_std(reached)
+        finals = [r["curve"][-1][1] for r in default_runs(results, m).values() if r.get("curve")]
+        body.append([f"`{m}`", f"{len(reached)} of {len(steps.get(m, {}))}", fmt(mean, sd, n, digits=0),
+                     fmt(*mean_std(finals))])
+    out += [md_table(["method", "settled at target", "steps to target (those that settled)", "last curve accuracy"],
+                     body), ""]
+    if plots.get("convergence"):
+        out += ["![convergence](convergence.png)", ""]
+
+    # 3. Sweeps.
+    out += ["## 3. APLOT settings: gamma and scale", "",
+            "APLOT at noise 0 with one setting changed (gamma weighs the semantic cost, 1 − gamma the reward cost; "
+            "the paper's Figure 2). `margin_scale` multiplies the margin; a scale equal to the batch size is the "
+            "margin multiplied by B, which the paper leaves open.", ""]
+    bt_row = [fmt(*mean_std([value(r, k) for r in bt0.values()])) for k in ("id_acc", "ood_acc", "id_hard")]
+    for key in ("gamma", "scale"):
+        table = sweep(results, key)
+        body = [[f"{v:g}", str(t["id_acc"][2]), *[fmt(*t[k]) for k in ("id_acc", "ood_acc", "id_hard")]]
+                for v, t in table.items()]
+        out += [md_table([key, "n", "ID acc", "OOD acc", "ID hard"], body + [["BT (reference)", str(len(bt0)),
+                                                                              *bt_row]]), ""]
+        if table:
+            best = max(table, key=lambda v: table[v]["id_acc"][0])
+            out += [f"Best {key} by mean ID accuracy: {best:g} ({fmt(*table[best]['id_acc'])}).", ""]
+    if plots.get("sweeps"):
+        out += ["![sweeps](sweeps.png)", ""]
+
+    # 4. Best-of-N.
+    out += ["## 4. Best-of-N", ""]
+    bon = results.get("bon", {})
+    if bon.get("status") == "ok":
+        ns = [n for n in sorted(kl) if n in (1, 4, 16, 64)]
+        out += [f"`pipelines.bon` ({bon['backend']} sampling) on {bon['n_prompts']} test_id prompts × "
+                f"{bon['n_samples']} samples of the embedded policy, scored by the bench's bt and aplot models at "
+                f"noise 0 (seeds {', '.join(sorted({str(m['seed']) for m in bon['models'].values()}))}) and the "
+                "world's gold reward; exact expectation over n-subsets. Gold reward of the proxy's pick, mean ± sd "
+                "over seeds:", ""]
+        body = [[f"`{m}`", *[fmt(*mean_std(list(by_method[m].get(n, {}).values()))) for n in ns]] for m in by_method]
+        body.append(["gold itself (ceiling)", *[fmt(bon["oracle_gold_at_n"].get(str(n))) for n in ns]])
+        out += [md_table(["proxy", *[f"gold@{n}" for n in ns]], body), ""]
+        if plots.get("bon"):
+            out += ["![Best-of-N](bon.png)", ""]
+    else:
+        out += [f"Not measured: {bon.get('error', 'no result')}.", ""]
+
+    # 5. Speed.
+    out += ["## 5. Speed", "",
+            "Each ratio is of two things timed side by side in one process, interleaved, so that the load of "
+            "whatever else shares the machine falls on both; the median of the repeats, min–max beside it.", ""]
+    body = []
+    for r in rows:
+        if r.get("median") is None:
+            body.append([r["what"], "not measured", "", "" if r["target"] is None else f"{r['target']:g}", ""])
+            continue
+        target = "" if r["target"] is None else f"{'≤' if r['at_most'] else '≥'} {r['target']:g}"
+        met = "" if r["met"] is None else ("met" if r["met"] else "**not met**")
+        body.append([r["what"], f"{r['median']:.3f}", f"{r['min']:.3f}–{r['max']:.3f} (n = {r['n']})", target, met])
+    out += [md_table(["ratio", "median", "spread", "target", ""], body), ""]
+    out += speed_details(results)
+    if plots.get("speed"):
+        out += ["![speed](speed.png)", ""]
+
+    out += ["## Time", "", md_table(["section", "seconds"], [[k, f"{v:.0f}"] for k, v in results["sections"].items()]),
+            ""]
+    if runs:
+        out += [f"Training runs: median wall time {statistics.median(r['wall_seconds'] for r in runs):.0f} s "
+                f"each ({statistics.median(r.get('train_seconds', 0) for r in runs if 'train_seconds' in r):.0f} "
+                "s of it training)." if any("train_seconds" in r for r in runs) else "", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def speed_details(results) -> list[str]:
+    """The absolute numbers behind the ratios, as sentences."""
+    lines = []
+    for threads, step in threaded(results.get("speed_step")):
+        lines.append(f"- Training step ({step['runs'][0]['pairs_per_step']} pairs, {threads} thread"
+                     f"{'s' * (threads > 1)}, {step['runs'][0]['steps']} interleaved steps a run, "
+                     f"{len(step['runs'])} runs): BT {step['bt_step_ms']['median']:.1f} ms "
+                     f"({step['bt_step_ms']['min']:.1f}–{step['bt_step_ms']['max']:.1f}), the OT margin "
+                     f"{step['ot_solve_ms']['median']:.2f} ms (medians).")
+    steps = threaded(results.get("speed_step"))
+    if len(steps) > 1 and steps[-1][1]["bt_step_ms"]["median"] > steps[0][1]["bt_step_ms"]["median"]:
+        (one, first), (many, last) = steps[0], steps[-1]
+        lines.append(f"- The {many}-thread BT step was slower than the {one}-thread one "
+                     f"({last['bt_step_ms']['median']:.1f} against {first['bt_step_ms']['median']:.1f} ms): other "
+                     f"work was competing for the cores, which stalls multi-threaded kernels, so the {many}-thread "
+                     f"ratio is mostly that noise. The {one}-thread ratio is the one to read.")
+    for b, row in results.get("speed_sinkhorn", {}).items():
+        if isinstance(row, dict) and "pot_ms" in row:
+            lines.append(f"- Sinkhorn plan, batch {b}, 50 iterations: POT {row['pot_ms']:.3f} ms, `transport_plan` "
+                         f"{row['transport_plan_ms']:.3f} ms; largest difference between the plans "
+                         f"{row['max_plan_difference']:.1e}.")
+    score = results.get("speed_scoring", {})
+    if "sequences_per_s" in score:
+        sps = score["sequences_per_s"]
+        lines.append(f"- Scoring {score['sequences']} sequences (mean {score['mean_tokens']:.0f} tokens, batches of "
+                     f"{score['batch_size']}, {score['threads']} threads): bare forward {sps['bare_forward']:.0f}/s, "
+                     f"scorer from ids {sps['scorer_ids']:.0f}/s, from texts {sps['scorer_texts']:.0f}/s.")
+    for name, g in results.get("speed_generation", {}).items():
+        if g.get("status") == "ok":
+            sps = g["samples_per_s"]
+            lines.append(f"- Generation, {name} (`{g['model']}`): {g['n_prompts']} prompts × {g['n']} samples × "
+                         f"{g['max_new_tokens']} tokens each, {g['repeats']} rounds after a warm-up: vLLM "
+                         f"{sps['vllm']:.0f} samples/s, transformers {sps['transformers']:.0f} samples/s at "
+                         f"{g['torch_threads']} threads and {sps['transformers_1thread']:.0f} at 1 (medians); "
+                         f"vLLM's engine start, not counted: {g['vllm_engine_start_s']:.0f} s.")
+        elif isinstance(g, dict):
+            lines.append(f"- Generation, {name}: not measured ({g.get('error')}).")
+    return lines + [""] if lines else []
+
+
+def write(results_path, out_dir) -> str:
+    """RESULTS.md and the plots in `out_dir`, from the results json alone."""
+    results = json.loads(Path(results_path).read_text())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    for name, draw in (("quality", plot_quality), ("convergence", plot_convergence), ("sweeps", plot_sweeps),
+                       ("bon", plot_bon), ("speed", plot_speed)):
+        path = out_dir / f"{name}.png"
+        plots[name] = draw(results, path)
+        if not plots[name] and path.exists():
+            path.unlink()  # a plot of an earlier run must not stand beside these numbers
+    text = render(results, plots)
+    (out_dir / "RESULTS.md").write_text(text)
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="?", default="benchmarks/results.json")
+    parser.add_argument("--out", default=None, help="default: the directory of the results file")
+    opts = parser.parse_args(argv)
+    write(opts.results, opts.out or Path(opts.results).parent)
+    print(f"wrote {Path(opts.out or Path(opts.results).parent) / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
