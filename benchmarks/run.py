@@ -114,8 +114,9 @@ def main(argv=None) -> dict:
         results["resumed_from"] = {"started": previous["started"], "sections": previous["sections"]}
 
     def section(name, work):
-        if isinstance(previous.get(name), (dict, list)) and previous[name] and (
-                not isinstance(previous[name], dict) or previous[name].get("status") != "failed"):
+        kept = previous.get(name)
+        if kept and (isinstance(kept, list) or isinstance(kept, dict) and kept.get("status") not in (
+                "failed", "skipped")):
             results[name], results["sections"][name] = previous[name], previous["sections"][name]
             log(f"{name}: kept from the interrupted run")
             return
