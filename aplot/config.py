@@ -185,8 +185,11 @@ class RecipeParser(TrlParser):
                 raise UserError(f"{source}unknown key {unknown[0]!r}" + did_you_mean(unknown[0], known))
             if leftovers:
                 raise UserError(f"{source}unexpected argument {leftovers[0]!r}")
+        if any(getattr(obj, "hub_token", None) for obj in parsed):
+            # Trainer pickles its arguments into every checkpoint's training_args.bin, token included.
+            raise UserError(f"{where}hub_token would be saved in training_args.bin of every checkpoint; "
+                            "set the HF_TOKEN environment variable instead")
         return parsed
-
 
     def check_types(self, recipe: str, config: dict) -> None:
         """YAML values land in the dataclasses as they are (argparse converts strings only): a list

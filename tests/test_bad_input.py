@@ -128,6 +128,9 @@ RM_CASES = [
      "output_dir cannot be created: {tmp}/a_file/out ({tmp}/a_file is not a directory)"),
     ("output is a regular file", "output_dir: {tmp}/a_file\n", [],
      "output_dir is a file, not a directory: {tmp}/a_file"),
+    ("hub token in the recipe", "hub_token: hf_SECRETtokenVALUE123\n", [],
+     "{recipe}: hub_token would be saved in training_args.bin of every checkpoint; "
+     "set the HF_TOKEN environment variable instead"),
 ]
 
 
