@@ -18,7 +18,7 @@ def ensure_embedded_policy(out_dir: str, seed: int = 0, n_examples: int = 20000,
     import random
 
     from datasets import Dataset
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from aplot.data import world
@@ -33,6 +33,7 @@ def ensure_embedded_policy(out_dir: str, seed: int = 0, n_examples: int = 20000,
     config = AutoConfig.from_pretrained(TINY_CONFIG)
     config.update({"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
                    "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None, "architectures": None})
+    set_seed(seed)  # the Trainer seeds only after the weights below are initialised
     model = AutoModelForCausalLM.from_config(config)
     args = SFTConfig(output_dir=str(Path(out_dir) / "sft"), per_device_train_batch_size=batch_size,
                      learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=20, num_train_epochs=1,

@@ -174,3 +174,18 @@ def test_vllm_cpu_backend_runs_the_stage_and_repeats_its_samples(tmp_path, embed
     assert len({r["response"] for r in rows}) > 8  # real sampling: prompts do not share their samples
     assert (outputs[0] / "samples.jsonl").read_text() == (outputs[1] / "samples.jsonl").read_text()
     assert json.loads((outputs[0] / "metrics.json").read_text())["backend"] == "vllm"
+
+
+def test_embedded_policy_is_the_same_each_time_it_is_trained(tmp_path):
+    """Same seed, same policy: Best-of-N and PPO start from it, so their numbers repeat run to run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from aplot.policy import ensure_embedded_policy
+
+    torch.manual_seed(1234)  # whatever ran before in the process must not matter
+    first = load_file(f"{ensure_embedded_policy(str(tmp_path / 'a'), n_examples=64)}/model.safetensors")
+    torch.rand(7)
+    second = load_file(f"{ensure_embedded_policy(str(tmp_path / 'b'), n_examples=64)}/model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
