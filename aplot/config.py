@@ -31,8 +31,8 @@ class DataConfig:
                 "json/jsonl/parquet/csv file or directory."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_format: str = field(default="explicit", metadata={
-        "help": "Layout of the rows: explicit, hh, conversational, ratings, multiple_choice or "
-                "pairwise_judgment (see aplot/data/formats.py)."})
+        "help": "Layout of the rows: explicit, hh, conversational, ratings, multiple_choice, "
+                "pairwise_judgment or response_lists (see aplot/data/formats.py)."})
     dataset_columns: dict[str, str] | None = field(default=None, metadata={
         "help": "Rename columns to the names the format expects, e.g. {prompt: question}."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -43,6 +43,10 @@ class DataConfig:
     eval_datasets: list[dict] | None = field(default=None, metadata={
         "help": "Further eval sets from other sources: a list of {name, path, format[, config, split, "
                 "columns]}, e.g. HHH-Alignment and MT-Bench judgments."})
+    as_chat: bool = field(default=False, metadata={
+        "help": "Render string pairs (explicit, multiple_choice, response_lists, the embedded world) as one "
+                "user and one assistant turn through the tokenizer's chat template, as chat models and "
+                "RewardBench's scorer read them; recorded in the model's config, so every stage scores alike."})
     strict: bool = field(default=False, metadata={
         "help": "Fail on the first bad row instead of dropping and counting it."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
@@ -144,6 +148,26 @@ class APLOTConfig(RewardConfig):
         # wandb stays offline unless the user opts in (WANDB_MODE=online, or `env:` in the recipe).
         if "wandb" in (self.report_to or []):
             os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@dataclass
+class APLOTModelConfig(ModelConfig):
+    """TRL's `ModelConfig` plus where a model preset's reward model starts (see `aplot/lineage.py`)."""
+
+    init_from: str = field(default="sft", metadata={
+        "help": "For a model preset (recipes/models/<name>/): start from its SFT policy (as from a hub "
+                "checkpoint), its base LM, or 'scratch' (fresh weights from its config). A model directory "
+                "or hub id starts from its own weights unless this is 'scratch'."})
+    lineage_dir: str = field(default="outputs/lineage", metadata={
+        "help": "Where a preset's tokenizer, base LM and SFT policy are built once and reused."})
+
+    def __post_init__(self):
+        from aplot.lineage import INIT_FROM
+
+        if self.init_from not in INIT_FROM:
+            raise UserError(f"init_from {self.init_from!r} is not one of {', '.join(INIT_FROM)}"
+                            + did_you_mean(self.init_from, INIT_FROM))
+        super().__post_init__()
 
 
 def check_range(key, value, low=None, high=None, low_open=False, hint=""):
@@ -282,7 +306,8 @@ def _describe(tp) -> str:
 # What a training run's result depends on: resuming a checkpoint made with other values is refused
 # (eval sets, logging and the like may change between a run and its resumption).
 RUN_DATA_KEYS = ("dataset_name", "dataset_config", "dataset_format", "dataset_columns", "dataset_train_split",
-                 "max_train_pairs", "strict", "tokenizer_name_or_path", "world_seed", "n_train", "hard_fraction",
+                 "max_train_pairs", "strict", "as_chat", "tokenizer_name_or_path", "world_seed", "n_train",
+                 "hard_fraction",
                  "label_noise")
 RUN_TRAINING_KEYS = ("loss_type", "gamma", "epsilon", "sinkhorn_iters", "margin_scale", "margin_value",
                      "label_smoothing", "ot_hidden", "ot_scope", "learning_rate", "lr_scheduler_type",
@@ -293,9 +318,10 @@ RUN_TRAINING_KEYS = ("loss_type", "gamma", "epsilon", "sinkhorn_iters", "margin_
 def run_settings(data_cfg, args, model_cfg) -> dict:
     return {**{k: getattr(data_cfg, k) for k in RUN_DATA_KEYS},
             **{k: getattr(args, k, None) for k in RUN_TRAINING_KEYS},
-            "model_name_or_path": model_cfg.model_name_or_path, "use_peft": model_cfg.use_peft,
+            "model_name_or_path": model_cfg.model_name_or_path, "init_from": model_cfg.init_from,
+            "use_peft": model_cfg.use_peft,
             "processes": args.world_size}
 
 
-def parse_rm_recipe(argv=None) -> tuple[DataConfig, APLOTConfig, ModelConfig]:
-    return tuple(RecipeParser((DataConfig, APLOTConfig, ModelConfig)).parse_recipe(argv))
+def parse_rm_recipe(argv=None) -> tuple[DataConfig, APLOTConfig, APLOTModelConfig]:
+    return tuple(RecipeParser((DataConfig, APLOTConfig, APLOTModelConfig)).parse_recipe(argv))

@@ -1,5 +1,6 @@
 """Reward-model evaluation on preference pairs: accuracy (overall, per subset, on hard pairs),
-separation and calibration of the rewards, and the plots people look at (written atomically)."""
+separation and calibration of the rewards, RewardBench v1 and 2 scores where the data carries their
+subsets or layout (aplot/rewardbench.py), and the plots people look at (written atomically)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata, wasserstein_distance
 
+from aplot import rewardbench
+from aplot.data.formats import is_response_lists
 from aplot.outputs import write_atomic, write_json  # noqa: F401  (the stages import them from here too)
 
 ECE_BINS = 10
@@ -44,7 +47,38 @@ def evaluate_pairs(scorer, dataset, desc="eval") -> tuple[dict, dict]:
         metrics["subsets"] = {name: summarize(chosen[torch.from_numpy(subsets == name)],
                                               rejected[torch.from_numpy(subsets == name)])
                               for name in sorted(set(subsets))}
+        scores = rewardbench.v1_scores(subsets.tolist(), chosen.tolist(), rejected.tolist())
+        if scores is not None:
+            metrics["rewardbench"] = scores
     return metrics, {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+
+
+def evaluate_lists(scorer, dataset, desc="eval") -> tuple[dict, dict]:
+    """Metrics of an eval set in the response_lists layout (one prompt, k chosen and m rejected responses):
+    the pairwise metrics over every chosen x rejected pair, and RewardBench 2's best-of-k and Ties scores.
+    Every response is scored once; the rewards returned are those of the responses."""
+    n = len(dataset)
+    prompts, responses, sizes = [], [], []
+    for row in dataset:
+        prompts += [row["prompt"]] * (len(row["chosen"]) + len(row["rejected"]))
+        responses += row["chosen"] + row["rejected"]
+        sizes.append(len(row["chosen"]))
+    ids = scorer.encode_all(prompts, responses)
+    rewards = scorer.score_ids(ids, progress=True, desc=desc).tolist()
+    chosen, rejected, start = [], [], 0
+    for row, k in zip(dataset, sizes):
+        end = start + k + len(row["rejected"])
+        chosen.append(rewards[start:start + k])
+        rejected.append(rewards[start + k:end])
+        start = end
+    pair_c = torch.tensor([c for cs, rs in zip(chosen, rejected) for c in cs for _ in rs])
+    pair_r = torch.tensor([r for cs, rs in zip(chosen, rejected) for _ in cs for r in rs])
+    limit = scorer.max_length or float("inf")
+    metrics = {**summarize(pair_c, pair_r), "rows": n, "truncated_responses": sum(len(x) > limit for x in ids)}
+    subsets = dataset["subset"] if "subset" in dataset.column_names else [None] * n
+    row_ids = dataset["id"] if "id" in dataset.column_names else [None] * n
+    metrics["rewardbench2"] = rewardbench.v2_scores(subsets, row_ids, chosen, rejected)
+    return metrics, {"chosen": [x for cs in chosen for x in cs], "rejected": [x for rs in rejected for x in rs]}
 
 
 def evaluate_reward_models(scorers: dict, eval_sets: dict) -> tuple[dict, dict]:
@@ -53,7 +87,8 @@ def evaluate_reward_models(scorers: dict, eval_sets: dict) -> tuple[dict, dict]:
     for model, scorer in scorers.items():
         results[model], rewards[model] = {}, {}
         for name, (dataset, _) in eval_sets.items():
-            results[model][name], rewards[model][name] = evaluate_pairs(scorer, dataset, desc=f"{model} | {name}")
+            evaluate = evaluate_lists if is_response_lists(dataset) else evaluate_pairs
+            results[model][name], rewards[model][name] = evaluate(scorer, dataset, desc=f"{model} | {name}")
     return results, rewards
 
 
@@ -109,7 +144,8 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
                 value = m.get("hard", {}).get("accuracy") if key is None else m.get(key)
                 cells.append(fmt.format(value) if value is not None else f"{'-':>{len(fmt.format(0))}}")
             lines.append(f"{model:<{width}}  {name:<{sets}}" + "".join(cells))
-    return "\n".join(lines)
+    tables = rewardbench.format_tables(results)
+    return "\n".join(lines) + (f"\n\n{tables}" if tables else "")
 
 
 def plot_training_curve(log_history: list[dict], path, title="") -> None:

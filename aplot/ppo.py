@@ -20,10 +20,11 @@ class APLOTPPOConfig(PPOConfig):
     gold reward come from. `sft_model_path` is the policy, `reward_model_path` a `make rm` output."""
 
     sft_model_path: str = field(default="embedded", metadata={
-        "help": "The policy to optimise (and its frozen reference): a directory or hub id; 'embedded' "
-                "trains (or reuses) the tiny world policy."})
-    embedded_policy_dir: str = field(default="outputs/policy/embedded", metadata={
-        "help": "Where the embedded policy is trained and reused."})
+        "help": "The policy to optimise (and its frozen reference): a directory or hub id, or a model "
+                "preset (recipes/models/<name>/) whose SFT policy is built once and reused; 'embedded' is "
+                "the tiny-qwen2 preset."})
+    lineage_dir: str = field(default="outputs/lineage", metadata={
+        "help": "Where a preset's tokenizer, base LM and SFT policy are built once and reused."})
     reward_model_path: str = field(default="outputs/rm/embedded-aplot", metadata={
         "help": "The proxy reward model PPO optimises: a `make rm` output directory or hub id."})
     value_model_path: str | None = field(default=None, metadata={
@@ -54,6 +55,11 @@ class APLOTPPOConfig(PPOConfig):
     score_batch_size: int = field(default=64, metadata={"help": "Sequences per scoring batch."})
     dtype: str | None = field(default=None, metadata={"help": "dtype of the policy, value and reward models."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    normalize_rewards: bool = field(default=False, metadata={
+        "help": "Optimise (r - mean) / std, with the reward stats `make rm` wrote into the reward model's "
+                "config.json (the proxy reward of the gold evaluation is reported so too)."})
+    reward_clip: float | None = field(default=None, metadata={
+        "help": "Clip the reward PPO optimises to [-reward_clip, reward_clip], after normalising (unset: off)."})
     resume: bool = field(default=True, metadata={
         "help": "Continue from the latest checkpoint in output_dir when there is one."})
 
@@ -67,6 +73,8 @@ class APLOTPPOConfig(PPOConfig):
         check_range("kl_coef", self.kl_coef, low=0.0)
         check_range("temperature", self.temperature, low=0.0, low_open=True)
         check_range("cliprange", self.cliprange, low=0.0, low_open=True)
+        if self.reward_clip is not None:
+            check_range("reward_clip", self.reward_clip, low=0.0, low_open=True)
         # PPOConfig turns TrainingArguments' `world_size` property into a field (None until the trainer
         # sets it), which a `deepspeed` config reads while the arguments are built: give it the launch's.
         if self.world_size is None:
@@ -92,6 +100,26 @@ def same_tokenizer(policy_tokenizer, reward_tokenizer) -> str | None:
         return f"{len(a)} tokens against {len(b)}"
     token = next(t for t in a if a[t] != b.get(t))
     return f"token {token!r} is id {a[token]} against {b.get(token)}"
+
+
+def rendering_mismatch(policy_tokenizer, reward_scorer, prompt, query_ids: list[int]) -> str | None:
+    """None when a response reaches the reward model, through PPO, as the very token ids it was trained
+    to score (`reward_scorer` encodes as its training did); else where they part. PPO scores `query +
+    sampled tokens + eos`; the reward model was trained on `prompt + response + eos`, or on its chat
+    template's rendering of the conversation, which may differ (ChatML ends a turn with `<|im_end|>` and
+    a newline PPO never samples)."""
+    from aplot.bon import as_response
+
+    text = "apple river" if isinstance(prompt, list) else " apple river"  # a probe response
+    sampled = policy_tokenizer(text, add_special_tokens=False)["input_ids"] + [policy_tokenizer.eos_token_id]
+    scored = list(query_ids) + sampled
+    trained = reward_scorer.encode(prompt, as_response(prompt, text))
+    if scored == trained:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(scored, trained)) if a != b), min(len(scored), len(trained)))
+    shown = [repr(policy_tokenizer.decode(ids[max(0, at - 3):at + 3])) for ids in (scored, trained)]
+    return (f"render responses differently (PPO scores ...{shown[0]} where the reward model was trained on "
+            f"...{shown[1]})")
 
 
 class RetokenizedReward(torch.nn.Module):
@@ -132,6 +160,33 @@ class RetokenizedReward(torch.nn.Module):
         hidden = hidden.to(input_ids.device, self.score.weight.dtype)
         states = hidden[:, None, :].expand(-1, input_ids.shape[1], -1)
         return _Output(hidden_states=(states,))
+
+    def forward(self, *args, **kwargs):  # PPO only uses backbone + score
+        raise NotImplementedError
+
+
+class ScaledReward(torch.nn.Module):
+    """The reward model as PPO sees it, its reward `clip((r - mean) / std, -clip, clip)`.
+
+    TRL's PPO reads rewards through `get_reward`: `getattr(model, model.base_model_prefix)(...)` for the
+    hidden states, then `model.score(...)`. This wrapper forwards the first to the wrapped model (a
+    transformers reward model or RetokenizedReward) and rescales the second, so PPO's own code runs as
+    it is and the reward model itself, which the proxy scorer also uses, is left unchanged.
+    """
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, reward_model, mean: float = 0.0, std: float = 1.0, clip: float | None = None):
+        super().__init__()
+        self.inner, self.mean, self.std, self.clip = reward_model, mean, std, clip
+        self.config = reward_model.config
+
+    def backbone(self, **kwargs):
+        return getattr(self.inner, self.inner.base_model_prefix)(**kwargs)
+
+    def score(self, hidden):
+        reward = (self.inner.score(hidden) - self.mean) / self.std
+        return reward.clamp(-self.clip, self.clip) if self.clip is not None else reward
 
     def forward(self, *args, **kwargs):  # PPO only uses backbone + score
         raise NotImplementedError

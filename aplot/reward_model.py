@@ -3,6 +3,7 @@ head reads, and score (prompt, response) pairs in length-sorted batches. Used by
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -91,9 +92,9 @@ def check_path(path: str, what: str) -> None:
 
 
 def build_reward_model(path: str, tokenizer, dtype: str | None = None, trust_remote_code: bool = False,
-                       require_head: bool = False) -> PreTrainedModel:
-    """A sequence-classification model with one output: pretrained weights when `path` has them,
-    else freshly initialised from the `config.json` there (how the embedded tiny models start).
+                       require_head: bool = False, fresh: bool = False) -> PreTrainedModel:
+    """A sequence-classification model with one output: pretrained weights when `path` has them (a
+    causal LM's get a new score head), else, or when `fresh`, initialised from the `config.json` there.
     Weights are read from safetensors only (a pickle can run code). `require_head`: the weights must
     hold a trained score head (a reward model, not a base language model given a fresh head)."""
     check_path(path, "model")
@@ -101,10 +102,12 @@ def build_reward_model(path: str, tokenizer, dtype: str | None = None, trust_rem
     kwargs = {"num_labels": 1, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if dtype not in (None, "auto"):
         kwargs["dtype"] = getattr(torch, dtype)
-    if Path(path).is_dir() and not has_weights(path):
+    if fresh or Path(path).is_dir() and not has_weights(path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         config.num_labels = 1
-        config.vocab_size = len(tokenizer)
+        # A config may have more embedding rows than the tokenizer has tokens (Qwen2.5: 151,936 for
+        # 151,665): keep them, as a checkpoint would; only a smaller one grows to fit every token.
+        config.vocab_size = max(config.vocab_size or 0, len(tokenizer))
         config.pad_token_id = tokenizer.pad_token_id
         config.eos_token_id = tokenizer.eos_token_id
         config.bos_token_id = tokenizer.bos_token_id
@@ -181,10 +184,10 @@ def truncate(ids: list[int], max_length: int | None) -> list[int]:
     return ids[-max_length:] if max_length and len(ids) > max_length else ids
 
 
-def tokenize_pairs(dataset, tokenizer, max_length: int | None):
+def tokenize_pairs(dataset, tokenizer, max_length: int | None, chat: bool = False):
     """`chosen_ids`/`rejected_ids` for TRL's RewardTrainer, encoded exactly as the scorer encodes and
     truncated rather than dropped; returns the dataset and how many pairs were truncated."""
-    scorer = RewardScorer(None, tokenizer, max_length=max_length)
+    scorer = RewardScorer(None, tokenizer, max_length=max_length, chat=chat)
     prompts = dataset["prompt"] if "prompt" in dataset.column_names else [None] * len(dataset)
     chosen = scorer.encode_all(prompts, dataset["chosen"])
     rejected = scorer.encode_all(prompts, dataset["rejected"])
@@ -194,22 +197,67 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None):
     return dataset.add_column("rejected_ids", [truncate(x, max_length) for x in rejected]), long
 
 
+def reward_stats(model) -> dict | None:
+    """The reward statistics `make rm` writes into a model's config.json (`reward_stats`: mean, std, and
+    the eval set and pairs they come from), or None for a directory saved without them."""
+    stats = getattr(getattr(model, "config", None), "reward_stats", None)
+    return stats if isinstance(stats, dict) and {"mean", "std"} <= stats.keys() else None
+
+
+def normalization(model) -> tuple[float, float]:
+    """(mean, std) for `normalize_rewards: true`; a model without usable stats is a one-line error."""
+    stats, path = reward_stats(model), getattr(model.config, "_name_or_path", "the reward model")
+    if stats is None:
+        raise UserError(f"{path}: normalize_rewards is on but its config.json has no reward_stats (saved before "
+                        "they were recorded): retrain it with make rm, or set normalize_rewards: false")
+    mean, std = stats["mean"], stats["std"]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mean, std)) or std <= 0:
+        raise UserError(f"{path}: reward_stats in config.json need a finite mean and a positive std, got "
+                        f"mean {mean!r}, std {std!r}")
+    return float(mean), float(std)
+
+
+def check_reward_stats(path: str) -> None:
+    """What `normalization` refuses, read from a directory's config.json without loading the model."""
+    import json
+    from types import SimpleNamespace
+
+    config = Path(path) / "config.json"
+    if config.is_file():
+        values = json.loads(config.read_text())
+        normalization(SimpleNamespace(config=SimpleNamespace(_name_or_path=path, **{
+            k: v for k, v in values.items() if k == "reward_stats"})))
+
+
+# The config.json key recording that a reward model was trained on string pairs rendered as chat turns.
+CHAT_KEY = "aplot_as_chat"
+
+
 class RewardScorer:
     """Scores (prompt, response) texts with a reward model, in length-sorted batches.
 
     Texts are encoded exactly as the trainer encodes them (TRL's tokenize step: `prompt + response
     + eos`, or the chat template for conversational data), truncated to the last `max_length`
-    tokens, and sorted by length so each batch pads little.
+    tokens, and sorted by length so each batch pads little. `normalize=True` returns
+    `(r - mean) / std` with the stats `make rm` recorded in the model's config.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int | None = None,
+                 normalize: bool = False, chat: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
+        # String pairs as one user and one assistant turn, through the chat template: how a model trained
+        # with `as_chat` (recorded in its config) reads every text, in every stage.
+        self.chat = chat if chat is not None else bool(getattr(getattr(model, "config", None), CHAT_KEY, False))
+        self.normalization = normalization(model) if normalize else None
 
     def encode(self, prompt, response) -> list[int]:
         return self.encode_all([prompt], [response])[0]
 
     def encode_all(self, prompts, responses) -> list[list[int]]:
+        if self.chat and all(isinstance(r, str) for r in responses):
+            prompts = [[{"role": "user", "content": p}] if p else [] for p in prompts]
+            responses = [[{"role": "assistant", "content": r}] for r in responses]
         if all(isinstance(r, str) for r in responses):
             # Standard data: `prompt + response + eos` in one batched call (the fast tokenizer
             # runs it in Rust), the same ids TRL's per-row tokenize step gives.
@@ -253,4 +301,7 @@ class RewardScorer:
         finally:
             if capture is not None:
                 capture.remove()
+        if self.normalization is not None:
+            mean, std = self.normalization
+            rewards = (rewards - mean) / std
         return (rewards, hidden) if return_hidden else rewards

@@ -8,7 +8,7 @@ alternate the backends, so machine noise hits both alike; the vLLM engine's star
 from its sampling. Runs in its own process (`python -m benchmarks.generation`): vLLM's workers are
 spawned and re-import the main module.
 
-    python -m benchmarks.generation --model outputs/policy/embedded [--n_prompts 64 --n 64 --repeats 3]
+    python -m benchmarks.generation --model outputs/lineage/tiny-qwen2/sft [--n_prompts 64 --n 64 --repeats 3]
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def measure(model: str, n_prompts: int, n: int, max_new_tokens: int, repeats: in
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="outputs/policy/embedded")
+    parser.add_argument("--model", default="outputs/lineage/tiny-qwen2/sft")
     parser.add_argument("--n_prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=24)

@@ -60,7 +60,8 @@ def rm_argv(spec: dict, s: BenchSettings, out_dir: Path) -> list[str]:
     """The command line of `python -m pipelines.rm` for one run."""
     argv = ["--config", s.recipe, "--output_dir", str(out_dir / spec["id"]), "--loss_type", spec["method"],
             "--seed", str(spec["seed"]), "--label_noise", str(spec["noise"]), "--gamma", str(spec["gamma"]),
-            "--margin_scale", str(spec["scale"]), "--n_train", str(16 * s.max_steps), "--max_steps",
+            "--margin_scale", str(spec["scale"]), "--init_from", s.init_from, "--learning_rate", str(s.learning_rate),
+            "--n_train", str(16 * s.max_steps), "--max_steps",
             str(s.max_steps), "--warmup_steps", str(s.warmup_steps), "--n_eval", str(s.n_eval),
             "--save_strategy", "no", "--logging_steps", str(max(1, min(50, s.max_steps // 4))),
             "--report_to", "none", "--disable_tqdm", "true"]

@@ -83,8 +83,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: keep its finished sections and trainings")
     parser.add_argument("--policy", default="embedded",
-                        help="Best-of-N and generation policy: 'embedded' (outputs/policy/embedded, trained once "
-                             "if missing) or a model directory")
+                        help="Best-of-N and generation policy: 'embedded' (the tiny-qwen2 preset's SFT policy, "
+                             "built once if missing), a model preset or a model directory")
     opts = parser.parse_args(argv)
     s = FORMS[opts.form or ("quick" if opts.quick else "full")]
     out_dir = Path(opts.out or f"outputs/bench/{s.name}")
@@ -133,11 +133,9 @@ def main(argv=None) -> dict:
         log(f"{name} done in {results['sections'][name]:.0f} s")
         save()
 
-    policy = opts.policy
-    if policy == "embedded":
-        from aplot.policy import ensure_embedded_policy
+    from aplot.lineage import policy_path
 
-        policy = ensure_embedded_policy("outputs/policy/embedded")
+    policy = policy_path(opts.policy)
     # Speed measurements run while none of the bench's own trainings compete with them: before the
     # trainings, and generation (the longest, in its own process) after them.
     section("speed_step", lambda: speed.step_ratio(s))

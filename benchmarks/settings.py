@@ -29,6 +29,10 @@ class BenchSettings:
     # (its logged loss_margin_mean), so the two differ in adaptivity rather than in size.
     margin_value: float = 0.2
     recipe: str = "recipes/rm/embedded.yaml"
+    # The regime: reward models trained from scratch (the recipe's default starts from the SFT policy of
+    # the model lineage), at the learning rate tuned for it.
+    init_from: str = "scratch"
+    learning_rate: float = 5e-4
     # Best-of-N through pipelines.bon on the bench's own bt and aplot models (noise 0).
     bon_prompts: int = 64
     bon_samples: int = 64

@@ -49,6 +49,7 @@ def measure(opts):
 
     from aplot.config import parse_rm_recipe
     from aplot.data import load_train
+    from aplot.lineage import tokenizer_path
     from aplot.reward_model import build_reward_model, load_tokenizer
     from aplot.trainer import APLOTRewardTrainer
 
@@ -57,7 +58,7 @@ def measure(opts):
               "--per_device_train_batch_size", str(opts.batch), "--n_train", str(n_pairs), "--disable_tqdm", "true",
               "--eval_strategy", "no"]
     data_cfg, _, model_cfg = parse_rm_recipe(common)
-    tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path)
+    tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or tokenizer_path(model_cfg.model_name_or_path))
     train, _ = load_train(data_cfg)
     torch.manual_seed(0)
     base = build_reward_model(model_cfg.model_name_or_path, tokenizer)

@@ -23,9 +23,10 @@ class BonConfig:
     """The Best-of-N stage: policy, prompts, sampling, scorers."""
 
     policy_name_or_path: str = field(default="embedded", metadata={
-        "help": "Policy model directory or hub id; 'embedded' trains (or reuses) the tiny world policy."})
-    embedded_policy_dir: str = field(default="outputs/policy/embedded", metadata={
-        "help": "Where the embedded policy is trained and reused."})
+        "help": "Policy model directory or hub id, or a model preset (recipes/models/<name>/), whose SFT "
+                "policy is built once and reused; 'embedded' is the tiny-qwen2 preset."})
+    lineage_dir: str = field(default="outputs/lineage", metadata={
+        "help": "Where a preset's tokenizer, base LM and SFT policy are built once and reused."})
     reward_models: list[str] = field(default_factory=list, metadata={
         "help": "Proxy reward models (directories of `make rm`), each named by its directory."})
     gold: str = field(default="embedded", metadata={
@@ -51,6 +52,8 @@ class BonConfig:
     max_length: int | None = field(default=None, metadata={"help": "Scorers keep the last N tokens."})
     dtype: str | None = field(default=None, metadata={"help": "dtype for the policy and scorers."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    normalize_rewards: bool = field(default=False, metadata={
+        "help": "Proxy scores as (r - mean) / std, with the reward stats `make rm` wrote into each config.json."})
     output_dir: str = field(default="outputs/bon/embedded", metadata={"help": "Where results go."})
 
     def __post_init__(self):
@@ -88,8 +91,9 @@ def main(argv=None) -> dict:
     from aplot.config import RecipeParser
     from aplot.distributed import init_distributed, map_sharded
     from aplot.evaluation import write_atomic, write_json
+    from aplot.lineage import policy_path
     from aplot.outputs import check_output_dir, discard_partial
-    from aplot.reward_model import RewardScorer, check_path, check_reward_model, load_reward_model
+    from aplot.reward_model import RewardScorer, check_reward_model, check_reward_stats, load_reward_model
 
     # Under a launcher (make bon NPROC=N) rank 0 trains the policy and samples, every rank scores its
     # share of the samples, and rank 0 writes the caches and the results.
@@ -98,6 +102,8 @@ def main(argv=None) -> dict:
     # The scorers are loaded only after sampling: check now what would make them fail then.
     for path in cfg.reward_models + ([cfg.gold] if cfg.gold != "embedded" else []):
         check_reward_model(path)
+    for path in cfg.reward_models if cfg.normalize_rewards else []:
+        check_reward_stats(path)
     out = Path(cfg.output_dir)
     check_output_dir(out)
     prompts = load_prompts(cfg)
@@ -105,12 +111,7 @@ def main(argv=None) -> dict:
         discard_partial(out)
 
     with state.main_process_first():  # the other ranks then find the policy and the samples cached
-        policy = cfg.policy_name_or_path
-        if policy == "embedded":
-            from aplot.policy import ensure_embedded_policy
-
-            policy = ensure_embedded_policy(cfg.embedded_policy_dir, seed=cfg.world_seed)
-        check_path(policy, "policy")
+        policy = policy_path(cfg.policy_name_or_path, cfg.lineage_dir)
 
         # 1. Samples, cached per (prompt, sample index); the settings that made them are recorded.
         params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
@@ -136,7 +137,9 @@ def main(argv=None) -> dict:
     with state.main_process_first():
         scores = bon.JsonlCache(out / "scores.jsonl", ("scorer", "prompt_index", "sample_index"),
                                 {"samples": bon.settings_hash(settings), "max_length": cfg.max_length,
-                                 "reward_models": cfg.reward_models, "gold": cfg.gold})
+                                 "reward_models": cfg.reward_models, "gold": cfg.gold,
+                                 # only when on, so caches made before the key existed stay valid
+                                 **({"normalize_rewards": True} if cfg.normalize_rewards else {})})
     keys = [(i, j) for i in range(len(prompts)) for j in range(cfg.n_samples)]
     scorers = {Path(p).name: p for p in cfg.reward_models}
     scorers["gold"] = cfg.gold
@@ -156,7 +159,9 @@ def main(argv=None) -> dict:
             continue
         model, tokenizer = load_reward_model(path, device=str(state.device), dtype=cfg.dtype,
                                              trust_remote_code=cfg.trust_remote_code)
-        scorer = RewardScorer(model, tokenizer, cfg.score_batch_size, cfg.max_length)
+        # the gold reward is never normalised: it is the yardstick, not a proxy
+        scorer = RewardScorer(model, tokenizer, cfg.score_batch_size, cfg.max_length,
+                              normalize=cfg.normalize_rewards and name != "gold")
         for start in tqdm(range(0, len(missing), 1024), desc=f"scoring with {name}"):
             part = missing[start:start + 1024]
             rs = responses[start:start + 1024]

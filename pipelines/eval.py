@@ -1,5 +1,6 @@
 """`make eval`: evaluate one or more trained reward models on a recipe's eval sets, side by side.
-Writes metrics.json and reward_distributions.png to `output_dir` and prints a table.
+Writes metrics.json and reward_distributions.png to `output_dir` and prints a table (and the RewardBench
+scores of eval sets that carry RewardBench subsets or the RewardBench 2 layout).
 
     python -m pipelines.eval --config recipes/eval/embedded.yaml [--reward_models a b ...]
 """
@@ -23,6 +24,8 @@ class EvalConfig:
     max_length: int | None = field(default=None, metadata={"help": "Keep the last N tokens of longer texts."})
     dtype: str | None = field(default=None, metadata={"help": "Load the models in this dtype (bfloat16, ...)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    normalize_rewards: bool = field(default=False, metadata={
+        "help": "Score (r - mean) / std with the reward stats `make rm` wrote into each model's config.json."})
 
     def __post_init__(self):  # here, not in main(): the message then names the recipe
         from aplot.config import check_range
@@ -37,7 +40,7 @@ def main(argv=None) -> dict:
     from aplot.data import load_eval_sets
     from aplot.evaluation import evaluate_reward_models, format_table, plot_reward_distributions, write_json
     from aplot.outputs import check_output_dir, discard_partial
-    from aplot.reward_model import RewardScorer, check_reward_model, load_reward_model
+    from aplot.reward_model import RewardScorer, check_reward_model, check_reward_stats, load_reward_model
 
     data_cfg, cfg = RecipeParser((DataConfig, EvalConfig)).parse_recipe(argv)
     if not cfg.reward_models:
@@ -45,6 +48,8 @@ def main(argv=None) -> dict:
     # Every input is checked before the first model is scored; the output directory too.
     for path in cfg.reward_models:
         check_reward_model(path)
+        if cfg.normalize_rewards:
+            check_reward_stats(path)
     out = Path(cfg.output_dir)
     check_output_dir(out)
     eval_sets = load_eval_sets(data_cfg)
@@ -52,11 +57,15 @@ def main(argv=None) -> dict:
     scorers = {}
     for path in cfg.reward_models:
         model, tokenizer = load_reward_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-        scorers[Path(path).name or path] = RewardScorer(model, tokenizer, cfg.batch_size, cfg.max_length)
+        # as_chat renders string pairs as chat turns for every model (a hub reward model records nothing);
+        # unset, each model reads texts as it was trained to (its config's record).
+        scorers[Path(path).name or path] = RewardScorer(model, tokenizer, cfg.batch_size, cfg.max_length,
+                                                        normalize=cfg.normalize_rewards,
+                                                        chat=True if data_cfg.as_chat else None)
     results, rewards = evaluate_reward_models(scorers, eval_sets)
 
     discard_partial(out)
-    metrics = {"models": results, "reward_models": cfg.reward_models,
+    metrics = {"models": results, "reward_models": cfg.reward_models, "normalize_rewards": cfg.normalize_rewards,
                "data": {name: counts for name, (_, counts) in eval_sets.items()}}
     write_json(out / "metrics.json", metrics)
     plot_reward_distributions(rewards, out / "reward_distributions.png")

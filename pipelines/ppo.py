@@ -31,10 +31,18 @@ def run(args) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
+    from aplot import lineage
     from aplot.data import load_prompts
     from aplot.evaluation import write_json
     from aplot.outputs import STAGING, RunPlan, check_output_dir, publish_model
-    from aplot.ppo import GoldEvaluation, RetokenizedReward, load_trainer_class, plot_gold_vs_kl_curve, same_tokenizer
+    from aplot.ppo import (
+        GoldEvaluation,
+        RetokenizedReward,
+        load_trainer_class,
+        plot_gold_vs_kl_curve,
+        rendering_mismatch,
+        same_tokenizer,
+    )
     from aplot.reward_model import RewardScorer, check_path, load_reward_model, load_tokenizer
 
     out = Path(args.output_dir)
@@ -52,12 +60,7 @@ def run(args) -> dict:
                                 args.prompt_config, args.prompt_columns, args.world_seed)
 
     # Every model and tokenizer is loaded, and the pair checked, before the first update.
-    policy_path = args.sft_model_path
-    if policy_path == "embedded":
-        from aplot.policy import ensure_embedded_policy
-
-        policy_path = ensure_embedded_policy(args.embedded_policy_dir, seed=args.world_seed)
-    check_path(policy_path, "policy")
+    policy_path = lineage.policy_path(args.sft_model_path, args.lineage_dir)
     tokenizer = load_tokenizer(policy_path, args.trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # PPO finds the end of each response by its padding, so padding must not look like eos.
@@ -65,13 +68,8 @@ def run(args) -> dict:
     tokenizer.padding_side = "left"
     reward_model, reward_tokenizer = load_reward_model(args.reward_model_path, device="cpu", dtype=args.dtype,
                                                        trust_remote_code=args.trust_remote_code)
-    mismatch = same_tokenizer(tokenizer, reward_tokenizer)
-    if mismatch and not args.retokenize_rewards:
-        raise UserError(f"policy {policy_path} and reward model {args.reward_model_path} have different tokenizers "
-                        f"({mismatch}): PPO would score token ids the reward model reads differently; set "
-                        "retokenize_rewards: true to decode and re-encode, or use a reward model trained with the "
-                        "policy's tokenizer")
-    proxy = RewardScorer(reward_model, reward_tokenizer, args.score_batch_size, args.score_max_length)
+    proxy = RewardScorer(reward_model, reward_tokenizer, args.score_batch_size, args.score_max_length,
+                         normalize=args.normalize_rewards)
     gold = args.gold
     if gold != "embedded":
         gold_model, gold_tokenizer = load_reward_model(gold, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -79,6 +77,16 @@ def run(args) -> dict:
 
     query_ids, counts = encode_prompts(tokenizer, prompts, args.max_prompt_length)
     eval_ids, _ = encode_prompts(tokenizer, eval_prompts, None)
+    # TRL's PPO hands the reward model the policy's token ids (query, response, eos) and reads the reward
+    # at the eos: checked before the first update that those are the ids the reward model was trained on.
+    vocab = same_tokenizer(tokenizer, reward_tokenizer)
+    mismatch = (f"have different tokenizers ({vocab})" if vocab
+                else rendering_mismatch(tokenizer, proxy, eval_prompts[0], eval_ids[0]))
+    if mismatch and not args.retokenize_rewards:
+        raise UserError(f"policy {policy_path} and reward model {args.reward_model_path} {mismatch}: PPO would "
+                        "score token ids the reward model reads differently; set retokenize_rewards: true to "
+                        "decode each response and re-encode it as the reward model was trained, or use a reward "
+                        "model trained with the policy's tokenizer and layout")
     train = Dataset.from_dict({"input_ids": [q for q in query_ids if q is not None]})
     if len(train) < args.per_device_train_batch_size * args.gradient_accumulation_steps:
         raise UserError(f"only {len(train)} training prompts (after max_prompt_length), fewer than one PPO batch")
@@ -104,8 +112,9 @@ def run(args) -> dict:
     start_path = str(checkpoint) if checkpoint else policy_path
     policy = AutoModelForCausalLM.from_pretrained(start_path, **load)
     reference = AutoModelForCausalLM.from_pretrained(policy_path, **load)
+    # The value model reads the policy's token ids: from the reward model when they share a vocabulary.
     value_path = (str(checkpoint / "value_model") if checkpoint else args.value_model_path
-                  or (policy_path if mismatch else args.reward_model_path))
+                  or (policy_path if vocab else args.reward_model_path))
     value_model = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, **load)
     value_model.config.pad_token_id = tokenizer.pad_token_id
     scorer_for_ppo = (RetokenizedReward(proxy, tokenizer, prompts, [q for q in query_ids if q is not None])
@@ -115,8 +124,9 @@ def run(args) -> dict:
     trainer_class = load_trainer_class()
     trainer_class.schedule_steps = total
     trainer = trainer_class(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
-                            reward_model=scorer_for_ppo, train_dataset=train, value_model=value_model,
-                            eval_dataset=Dataset.from_dict({"input_ids": eval_ids}), callbacks=[gold_eval])
+                            reward_model=scaled_reward(scorer_for_ppo, proxy, args), train_dataset=train,
+                            value_model=value_model, eval_dataset=Dataset.from_dict({"input_ids": eval_ids}),
+                            callbacks=[gold_eval])
     trainer.gold = gold_eval
     gold_eval.set_trainer(trainer, eval_ids)
     if checkpoint is not None:
@@ -145,6 +155,16 @@ def run(args) -> dict:
         write_json(out / "metrics.json", metrics)
         write_json(out / "gold_curve.json", history)
         plot_gold_vs_kl_curve({out.name: history}, out / "gold_vs_kl.png")
+        from aplot.cards import write_model_card
+
+        dropped = {"too long": counts["too_long"]} if counts["too_long"] else {}
+        prompt_counts = {"rows_read": counts["prompts"], "kept": counts["prompts"] - counts["too_long"],
+                         "dropped": dropped}
+        write_model_card(out, kind="policy", base_model=str(policy_path), recipe=run_settings(args),
+                         data_counts={"prompts": prompt_counts},
+                         metrics={k: metrics[k] for k in ("reward_model", "gold", "updates", "train_seconds",
+                                                          "before", "after")},
+                         trainer="TRL's PPOTrainer")
         b, a = history[0], history[-1]
         print(f"{'':<8}{'gold':>8}{'proxy':>8}{'KL':>8}\n{'before':<8}{b['gold']:>8.3f}{b['proxy']:>8.3f}"
               f"{b['kl']:>8.3f}\n{'after':<8}{a['gold']:>8.3f}{a['proxy']:>8.3f}{a['kl']:>8.3f}")
@@ -167,7 +187,7 @@ def encode_prompts(tokenizer, prompts, max_length):
 
 # A PPO checkpoint's last file (aplot.ppo writes it after the value model): its presence marks it complete.
 GOLD_HISTORY = "gold_history.json"
-RESULTS = ("metrics.json", "gold_curve.json", "gold_vs_kl.png", "training_args.bin")
+RESULTS = ("metrics.json", "gold_curve.json", "gold_vs_kl.png", "training_args.bin", "README.md")
 # What a checkpoint's run must share with the rerun that resumes it.
 RUN_KEYS = ("sft_model_path", "reward_model_path", "value_model_path", "retokenize_rewards", "gold", "prompt_dataset",
             "prompt_config", "prompt_format", "prompt_split", "n_prompts", "max_prompt_length", "eval_prompt_split",
@@ -175,7 +195,17 @@ RUN_KEYS = ("sft_model_path", "reward_model_path", "value_model_path", "retokeni
             "per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
             "response_length", "temperature", "stop_token", "missing_eos_penalty", "kl_coef", "kl_estimator",
             "learning_rate", "lr_scheduler_type", "cliprange", "vf_coef", "cliprange_value", "gamma", "lam",
-            "whiten_rewards", "seed", "dtype", "world_size")
+            "whiten_rewards", "seed", "dtype", "world_size", "normalize_rewards", "reward_clip")
+
+
+def scaled_reward(reward_model, proxy, args):
+    """The reward model PPO optimises: normalised with the proxy scorer's stats and clipped when asked."""
+    from aplot.ppo import ScaledReward
+
+    if proxy.normalization is None and args.reward_clip is None:
+        return reward_model
+    mean, std = proxy.normalization or (0.0, 1.0)
+    return ScaledReward(reward_model, mean, std, args.reward_clip)
 
 
 def run_settings(args) -> dict:

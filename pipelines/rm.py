@@ -17,8 +17,10 @@ def main(argv=None) -> dict:
     from transformers import set_seed
     from trl import get_peft_config
 
+    from aplot import lineage
     from aplot.config import parse_rm_recipe, run_settings
     from aplot.data import load_eval_sets, load_train
+    from aplot.data.formats import as_pairs
     from aplot.distributed import init_distributed, zero3_init_disabled
     from aplot.evaluation import (
         evaluate_reward_models,
@@ -29,6 +31,7 @@ def main(argv=None) -> dict:
     )
     from aplot.outputs import STAGING, RunPlan, publish_model
     from aplot.reward_model import (
+        CHAT_KEY,
         RewardScorer,
         build_reward_model,
         check_path,
@@ -49,30 +52,37 @@ def main(argv=None) -> dict:
     plan = RunPlan(out, args.resume, run_settings(data_cfg, args, model_cfg), args.resume_from_checkpoint,
                    results=RESULTS)
 
-    # Everything that can fail on bad input happens before training starts.
-    tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path,
-                               args.trust_remote_code)
+    # Everything that can fail on bad input happens before training starts (the data first: building a
+    # preset's lineage below takes a while the first time).
     train, train_counts = load_train(data_cfg)
     eval_sets = load_eval_sets(data_cfg)
     if len(train) == 0:
         raise UserError(f"{data_cfg.dataset_name}: no usable training pairs ({train_counts})")
     if args.loss_type == "margin" and args.margin_value is None and "margin" not in train.column_names:
         raise UserError("loss_type=margin needs margin_value, or a `margin` column in the dataset")
+    init_path = lineage.model_path(model_cfg.model_name_or_path, model_cfg.init_from, model_cfg.lineage_dir)
+    tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or lineage.tokenizer_path(init_path,
+                                                                                         model_cfg.lineage_dir),
+                               args.trust_remote_code)
+
     def for_trainer(pairs):
         # TRL adds a `margin` column to every loss; keep it only for loss_type=margin.
         if args.loss_type != "margin" and "margin" in pairs.column_names:
             pairs = pairs.remove_columns("margin")
-        return tokenize_pairs(pairs, tokenizer, args.max_length)
+        return tokenize_pairs(pairs, tokenizer, args.max_length, data_cfg.as_chat)
 
     train, train_counts["truncated"] = for_trainer(train)
     # Trainer seeds only after the model exists: without this a fresh score head (and the tiny
     # models' every weight) would differ from run to run, and a rerun could not match a first run.
     set_seed(args.seed)
-    model = build_reward_model(model_cfg.model_name_or_path, tokenizer, model_cfg.dtype, args.trust_remote_code)
+    model = build_reward_model(init_path, tokenizer, model_cfg.dtype, args.trust_remote_code,
+                               fresh=model_cfg.init_from == "scratch")
+    setattr(model.config, CHAT_KEY, data_cfg.as_chat)  # saved with it: every stage then scores as trained
 
     curve_set = None
     if eval_sets and args.eval_strategy != "no":
         first, _ = next(iter(eval_sets.values()))
+        first = as_pairs(first)  # a response_lists set is tracked as its chosen x rejected pairs
         curve_set, _ = for_trainer(first.select(range(min(data_cfg.curve_eval_pairs, len(first)))))
     trainer = APLOTRewardTrainer(model, args, train_dataset=train, eval_dataset=curve_set,
                                  processing_class=tokenizer, peft_config=get_peft_config(model_cfg))
@@ -96,6 +106,11 @@ def main(argv=None) -> dict:
                "train_steps": trainer.state.global_step, "train_pairs": len(train),
                "processes": trainer.accelerator.num_processes, "zero_stage": zero_stage,
                "data": {"train": train_counts, **{name: counts for name, (_, counts) in eval_sets.items()}}}
+    if zero_stage == 3:
+        # The sharded model scores a few training sequences on every rank (each forward gathers the
+        # shards), to be set against what the consolidated model.safetensors scores below.
+        probe = list(train["chosen_ids"][:8]) + list(train["rejected_ids"][:8])
+        live = RewardScorer(trainer.model.eval(), tokenizer, batch_size=16).score_ids(probe)
     if trainer.accelerator.is_main_process:
         # Under ZeRO-3 this rank holds only a shard of each weight: evaluate the consolidated model
         # that save_model just wrote (and so prove it loads without DeepSpeed).
@@ -103,10 +118,18 @@ def main(argv=None) -> dict:
         if zero_stage == 3:
             with zero3_init_disabled():
                 model = load_reward_model(str(out), device=str(trainer.args.device))[0]
+            saved = RewardScorer(model, tokenizer, batch_size=16).score_ids(probe)
+            metrics["zero3_saved_vs_live_max_abs_diff"] = (saved - live).abs().max().item()
         scorer = RewardScorer(model, tokenizer, batch_size=args.per_device_eval_batch_size, max_length=args.max_length)
         results, rewards = evaluate_reward_models({out.name: scorer}, eval_sets)
         metrics["eval"] = results[out.name]
+        metrics["reward_stats"] = record_reward_stats(out, rewards[out.name], results[out.name])
         write_json(out / "metrics.json", metrics)
+        from aplot.cards import write_model_card
+
+        write_model_card(out, kind="reward_model", base_model=model_cfg.model_name_or_path,
+                         recipe=run_settings(data_cfg, args, model_cfg), data_counts=metrics["data"],
+                         metrics={k: metrics[k] for k in ("train_seconds", "train_steps", "reward_stats", "eval")})
         write_json(out / "log_history.json", trainer.state.log_history)
         plot_training_curve(trainer.state.log_history, out / "training_curve.png",
                             title=f"{args.loss_type} reward model: {out.name}")
@@ -118,7 +141,30 @@ def main(argv=None) -> dict:
     return metrics
 
 
-RESULTS = ("metrics.json", "log_history.json", "training_curve.png", "reward_distributions.png", "training_args.bin")
+RESULTS = ("metrics.json", "log_history.json", "training_curve.png", "reward_distributions.png", "training_args.bin",
+           "README.md")
+
+
+def record_reward_stats(out: Path, rewards: dict, results: dict) -> dict | None:
+    """Mean and standard deviation of the trained model's rewards (chosen and rejected together) on the
+    first eval set, written into `out/config.json` as `reward_stats` for `normalize_rewards: true`."""
+    import json
+
+    import numpy as np
+
+    from aplot.outputs import write_json
+
+    if not rewards:
+        return None
+    name = next(iter(rewards))
+    values = np.array(rewards[name]["chosen"] + rewards[name]["rejected"], dtype=float)
+    if len(values) < 2:
+        return None
+    stats = {"mean": float(values.mean()), "std": float(values.std()), "eval_set": name,
+             "pairs": results[name].get("n", 0), "responses": len(values)}
+    config = json.loads((out / "config.json").read_text())
+    write_json(out / "config.json", {**config, "reward_stats": stats})
+    return stats
 
 
 def check_writable(out: Path) -> None:

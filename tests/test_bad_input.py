@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from aplot.errors import UserError
 # A few steps on a slice of the embedded world: the cases must fail long before these matter.
 RM_BASE = {**yaml.safe_load(Path("recipes/rm/embedded.yaml").read_text()),
            "n_train": 48, "n_eval": 16, "max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1,
-           "eval_strategy": "no", "save_strategy": "no", "disable_tqdm": True}
+           "eval_strategy": "no", "save_strategy": "no", "disable_tqdm": True, "init_from": "scratch",
+           "lineage_dir": str(Path(tempfile.gettempdir()) / "aplot-tests-lineage")}
 ROW = '{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}\n'
 
 
@@ -315,7 +317,8 @@ def test_no_secret_reaches_logs_metrics_or_outputs(tmp_path):
     secrets = {"HF_TOKEN": "hf_SECRETtokenVALUE123", "WANDB_API_KEY": "wandbSECRETkey0123456789abcdef"}
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "pipelines.rm", "--config", "recipes/rm/embedded.yaml",
-                           "--output_dir", str(out), "--n_train", "48", "--n_eval", "16", "--max_steps", "2",
+                           "--output_dir", str(out), "--init_from", "scratch", "--lineage_dir", str(tmp_path / "lin"),
+                           "--n_train", "48", "--n_eval", "16", "--max_steps", "2",
                            "--per_device_train_batch_size", "8", "--save_steps", "1", "--eval_strategy", "no",
                            "--logging_steps", "1", "--loss_type", "bt"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **secrets})

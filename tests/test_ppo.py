@@ -50,7 +50,8 @@ def test_short_ppo_run_checkpoints_measures_gold_and_saves_a_loadable_policy(tmp
     reference = AutoModelForCausalLM.from_pretrained(embedded_rms[1])
     changed = any(not torch.equal(a, b) for a, b in zip(policy.state_dict().values(),
                                                          reference.state_dict().values()))
-    assert changed and AutoTokenizer.from_pretrained(out).pad_token_id == 1
+    assert changed and AutoTokenizer.from_pretrained(out).pad_token_id == AutoTokenizer.from_pretrained(
+        embedded_rms[1]).pad_token_id
 
 
 @pytest.fixture(scope="module")

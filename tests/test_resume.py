@@ -24,7 +24,8 @@ LOSS_TOL, ACCURACY_TOL = 2e-3, 0.05
 
 
 def rm_argv(out, *extra):
-    return ["--config", "recipes/rm/embedded.yaml", "--output_dir", str(out), "--n_train", "480", "--n_eval", "64",
+    return ["--config", "recipes/rm/embedded.yaml", "--output_dir", str(out), "--init_from", "scratch",
+            "--lineage_dir", os.path.join(os.path.dirname(str(out)), "lineage"), "--n_train", "480", "--n_eval", "64",
             "--max_steps", "60", "--save_steps", "20", "--warmup_steps", "10", "--logging_steps", "5",
             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64", "--eval_strategy", "no",
             "--disable_tqdm", "true", *extra]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from aplot.data.formats import to_preference
+from aplot.data.formats import as_pairs, to_preference
 from aplot.errors import UserError
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -20,6 +20,7 @@ def load_train(data_cfg) -> tuple[Dataset, dict]:
     source = {"path": data_cfg.dataset_name, "config": data_cfg.dataset_config, "split": data_cfg.dataset_train_split,
               "format": data_cfg.dataset_format, "columns": data_cfg.dataset_columns}
     pairs, counts = load_source(source, data_cfg, train=True)
+    pairs = as_pairs(pairs)  # response_lists rows train as every chosen x rejected pair
     if data_cfg.max_train_pairs is not None and len(pairs) > data_cfg.max_train_pairs:
         counts["beyond_max_train_pairs"] = len(pairs) - data_cfg.max_train_pairs
         pairs = pairs.select(range(data_cfg.max_train_pairs))
@@ -33,21 +34,29 @@ def load_eval_sets(data_cfg) -> dict[str, tuple[Dataset, dict]]:
 def load_source(source: dict, data_cfg, train: bool = False) -> tuple[Dataset, dict]:
     """One split of one dataset as preference pairs, and the counts of what happened to its rows."""
     if source["path"] == "embedded":
-        pairs = embedded_split(data_cfg, source["split"], train)
+        pairs = embedded_split(data_cfg, source["split"], train, source["format"])
         return pairs, {"rows_read": len(pairs), "kept": len(pairs), "dropped": {}, "pairs": len(pairs)}
     raw, label = load_raw(source["path"], source.get("config"), source["split"])
     return to_preference(raw, source["format"], source=label, columns=source.get("columns"),
                          strict=data_cfg.strict)
 
 
-def embedded_split(data_cfg, split: str, train: bool = False) -> Dataset:
+def embedded_split(data_cfg, split: str, train: bool = False, layout: str = "explicit") -> Dataset:
+    """A split of the embedded world: prompt and response strings (`explicit`), or TRL's message lists
+    (`conversational`), which a tokenizer renders through its chat template."""
     from aplot.data import world
 
     if split not in world.SPLITS:
         raise UserError(f"the embedded world has no split {split!r}; it has {', '.join(world.SPLITS)}")
+    check_embedded_layout(layout)
     rows = world.generate_split(split, data_cfg.n_train if train else data_cfg.n_eval, data_cfg.world_seed,
                                 data_cfg.hard_fraction, data_cfg.label_noise if train else 0.0)
-    return Dataset.from_list(rows)
+    return Dataset.from_list([world.as_chat(r) for r in rows] if layout == "conversational" else rows)
+
+
+def check_embedded_layout(layout: str) -> None:
+    if layout not in ("explicit", "conversational"):
+        raise UserError(f"the embedded world comes as explicit or conversational pairs, not {layout!r}")
 
 
 def load_raw(name: str, config: str | None, split: str) -> tuple[Dataset, str]:
@@ -152,9 +161,12 @@ def load_prompts(path: str, split: str, n: int, fmt: str = "explicit", config: s
     """The first `n` distinct prompts of a split, in dataset order: strings, or message lists for
     conversational data. Used by the Best-of-N and PPO stages."""
     if path == "embedded":
-        from aplot.data.world import generate_split
+        from aplot.data.world import as_chat, generate_split
 
+        check_embedded_layout(fmt)
         prompts = list(dict.fromkeys(r["prompt"] for r in generate_split(split, 4 * n, world_seed)))
+        if fmt == "conversational":
+            prompts = [as_chat({"prompt": p, "chosen": "", "rejected": ""})["prompt"] for p in prompts]
     else:
         from aplot.config import DataConfig
 

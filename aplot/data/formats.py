@@ -9,12 +9,17 @@ Each format is named after a layout; the public dataset it was written against (
     ratings            conv_A, conv_B, conv_A_rating, conv_B_rating    llm-blender/Unified-Feedback
     multiple_choice    input, targets {choices, labels}                HuggingFaceH4/hhh_alignment
     pairwise_judgment  conversation_a, conversation_b, winner, turn    lmsys/mt_bench_human_judgments
+    response_lists     prompt, chosen [...], rejected [...] (+ id)     allenai/reward-bench-2
 
 explicit and multiple_choice give strings (TRL's standard format). The others give TRL's conversational
 format: `prompt` is the leading messages chosen and rejected share, `chosen`/`rejected` the messages after
 them, which start and end with an assistant message. That is usually the final answer alone; conversations
 that differ from an earlier answer on (an MT-Bench turn-2 judgment) keep everything from that answer on, so
 the context the judge saw is not lost.
+
+response_lists keeps its rows as they are, one prompt with lists of chosen and rejected strings, since the
+best-of-k scoring (aplot/rewardbench.py) needs every response of a prompt together; `as_pairs` expands them
+into every chosen x rejected pair where pairs are needed (training). Its counts' `pairs` is that number.
 
 Rows that cannot become a pair are dropped and counted by reason, or with `strict=True` the first one raises.
 Ties carry no preference: they are counted under "tie" and never raise.
@@ -30,7 +35,7 @@ from datasets import Dataset
 
 from aplot.errors import UserError
 
-FORMATS = ("explicit", "hh", "conversational", "ratings", "multiple_choice", "pairwise_judgment")
+FORMATS = ("explicit", "hh", "conversational", "ratings", "multiple_choice", "pairwise_judgment", "response_lists")
 _REQUIRED = {
     "explicit": ("chosen", "rejected"),
     "hh": ("chosen", "rejected"),
@@ -38,6 +43,7 @@ _REQUIRED = {
     "ratings": ("conv_A", "conv_B", "conv_A_rating", "conv_B_rating"),
     "multiple_choice": ("input", "targets"),
     "pairwise_judgment": ("winner", "conversation_a", "conversation_b"),
+    "response_lists": ("prompt", "chosen", "rejected"),
 }
 _EXTRAS = ("subset", "margin", "difficulty")
 _ROLES = ("system", "user", "assistant")
@@ -86,7 +92,9 @@ def to_preference(dataset: Dataset, fmt: str, *, source: str, columns: dict[str,
             continue
         pairs.extend(row_pairs)
         kept += 1
-    counts = {"rows_read": len(dataset), "kept": kept, "dropped": dict(dropped), "pairs": len(pairs)}
+    n_pairs = (sum(len(row["chosen"]) * len(row["rejected"]) for row in pairs) if fmt == "response_lists"
+               else len(pairs))
+    counts = {"rows_read": len(dataset), "kept": kept, "dropped": dict(dropped), "pairs": n_pairs}
     if not pairs:
         return Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}), counts
     return Dataset.from_list(pairs), counts
@@ -153,6 +161,46 @@ def _multiple_choice(row: dict) -> list[dict]:
     if chosen in wrong:
         raise _BadRow("targets", "identical")
     return [{"prompt": prompt, "chosen": chosen, "rejected": rejected} for rejected in wrong]
+
+
+def _response_lists(row: dict) -> list[dict]:
+    prompt = _text(row["prompt"], "prompt")
+    lists = {}
+    for column in ("chosen", "rejected"):
+        value = row[column]
+        if not isinstance(value, list):
+            raise _BadRow(column, "not a list")
+        if not value:
+            raise _BadRow(column, "empty list")
+        lists[column] = [_text(response, column) for response in value]
+    # the official scorer splits one score list at num_correct: a count that disagrees with the lists
+    # means the row would be scored against the wrong responses
+    for column, side in (("num_correct", "chosen"), ("num_incorrect", "rejected")):
+        if row.get(column) is not None and row[column] != len(lists[side]):
+            raise _BadRow(column, "count mismatch")
+    if set(lists["chosen"]) & set(lists["rejected"]):
+        raise _BadRow("rejected", "identical")
+    out = {"prompt": prompt, **lists}
+    if row.get("id") is not None:
+        out["id"] = str(row["id"])
+    return [out]
+
+
+def is_response_lists(dataset: Dataset) -> bool:
+    """Whether `dataset` is in the response_lists layout (chosen is a list of strings, not one response)."""
+    feature = dataset.features.get("chosen") if "chosen" in dataset.column_names else None
+    inner = getattr(feature, "feature", None)
+    return getattr(inner, "dtype", None) in ("string", "large_string")
+
+
+def as_pairs(dataset: Dataset) -> Dataset:
+    """Every chosen x rejected pair of response_lists rows (other layouts are returned as they are)."""
+    if not is_response_lists(dataset):
+        return dataset
+    extras = [name for name in _EXTRAS if name in dataset.column_names]
+    pairs = [{"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, **{n: row[n] for n in extras}}
+             for row in dataset for chosen in row["chosen"] for rejected in row["rejected"]]
+    return Dataset.from_list(pairs) if pairs else Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
 
 
 def _pairwise_judgment(row: dict) -> list[dict]:
@@ -237,4 +285,5 @@ def _number(row: dict, column: str) -> float:
 
 
 _CONVERTERS = {"explicit": _explicit, "hh": _hh, "conversational": _conversational, "ratings": _ratings,
-               "multiple_choice": _multiple_choice, "pairwise_judgment": _pairwise_judgment}
+               "multiple_choice": _multiple_choice, "pairwise_judgment": _pairwise_judgment,
+               "response_lists": _response_lists}

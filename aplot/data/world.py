@@ -53,7 +53,7 @@ class Constraints:
 
 def format_prompt(c: Constraints) -> str:
     words = ", ".join(c.required[:-1]) + " and " + c.required[-1]
-    return f"Write about {words}. Do not use {c.banned}.\nAnswer:"
+    return f"Write about {words}. Do not use {c.banned}.{ANSWER_CUE}"
 
 
 def parse_prompt(prompt: str) -> Constraints:
@@ -64,9 +64,10 @@ def parse_prompt(prompt: str) -> Constraints:
     return Constraints(required, match.group(2))
 
 
-def gold_reward(prompt: str, response: str) -> float:
-    """The world's ground truth, defined for any response text."""
-    c = parse_prompt(prompt)
+def gold_reward(prompt, response: str) -> float:
+    """The world's ground truth, defined for any response text; `prompt` is the prompt text or, in the
+    conversational layout, its messages."""
+    c = parse_prompt(prompt if isinstance(prompt, str) else prompt[-1]["content"])
     words = WORD_RE.findall(response.lower())
     present = set(words)
     coverage = sum(w in present for w in c.required) / len(c.required)
@@ -155,6 +156,15 @@ def generate_split(split: str, n_pairs: int, seed: int, hard_fraction: float = 0
     return rows
 
 
+def as_chat(row: dict) -> dict:
+    """A pair in TRL's conversational layout: the prompt as one user message (without the plain-text
+    `Answer:` cue, which a chat template replaces), each response as one assistant message."""
+    content = row["prompt"].removesuffix(ANSWER_CUE)
+    return {**row, "prompt": [{"role": "user", "content": content}],
+            "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+            "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]}
+
+
 def corpus(seed: int, n: int = 2000) -> list[str]:
     """Text of every kind the world produces, prompts of all splits included: the tokenizer's
     training text (the world's vocabulary is fixed, so the OOD shift is in structure, not words)."""
@@ -165,11 +175,30 @@ def corpus(seed: int, n: int = 2000) -> list[str]:
     return texts
 
 
-def build_tokenizer(seed: int = 0, vocab_size: int = 512):
+def documents(seed: int, n: int, split: str = "train") -> list[dict]:
+    """`n` (prompt, response) documents of `split`'s prompt distribution, responses of every quality:
+    the text a base model is pretrained on and an SFT policy fine-tuned on. Seeded apart from the
+    preference pairs, so its prompts are not those of the pairs (the space is small, some recur)."""
+    rng = random.Random(f"aplot-documents/{seed}/{split}")
+    rows = []
+    for _ in range(n):
+        c = sample_constraints(rng, split)
+        rows.append({"prompt": format_prompt(c), "response": " " + " ".join(sample_response(rng, c))})
+    return rows
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
+
+
+def build_tokenizer(seed: int = 0, vocab_size: int = 512, special_tokens=SPECIAL_TOKENS,
+                    eos_token: str = "<|endoftext|>", pad_token: str = "<|pad|>", chat_template: str | None = None,
+                    model_max_length: int = 512):
     """A Qwen2 tokenizer (Qwen2's byte-level BPE pipeline) with merges learned from the world's text.
 
     Byte-level, so it encodes any text a policy may emit; being a genuine `Qwen2Tokenizer`, it saves
-    and reloads through `AutoTokenizer` unchanged. Trained offline in about a second.
+    and reloads through `AutoTokenizer` unchanged. Trained offline in about a second. The special
+    tokens follow the BPE vocabulary in the order given (a model preset names Qwen2.5's, with its
+    pad and eos roles); `chat_template` defaults to the ChatML below.
     """
     import json
 
@@ -177,7 +206,10 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 512):
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    special = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    special = list(special_tokens)
+    missing = [t for t in (eos_token, pad_token) if t not in special]
+    if missing:
+        raise ValueError(f"eos and pad must be among the special tokens; {missing[0]!r} is not")
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -187,13 +219,28 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    text = corpus(seed)
+    if chat_template:  # the template's own text (a default system message) is text the tokenizer sees too
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template)
+        for row in generate_split("train", 200, seed):
+            rendered = template.render(messages=as_chat(row)["prompt"] + as_chat(row)["chosen"])
+            text.append(re.sub("|".join(map(re.escape, special)), " ", rendered))
+    tok.train_from_iterator(text, trainer=trainer)
     bpe = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=bpe["vocab"], merges=merges, eos_token=special[0], pad_token=special[1],
-                               unk_token=None, model_max_length=512, extra_special_tokens=special[2:])
-    tokenizer.chat_template = CHAT_TEMPLATE
+    # The trainer puts the special tokens first; a real checkpoint has them after the vocabulary.
+    regular = [t for t in sorted(bpe["vocab"], key=bpe["vocab"].get) if t not in special]
+    vocab = {t: i for i, t in enumerate(regular + special)}
+    extra = [t for t in special if t not in (eos_token, pad_token)]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=eos_token, pad_token=pad_token,
+                               unk_token=None, model_max_length=model_max_length, extra_special_tokens=extra)
+    tokenizer.chat_template = chat_template or CHAT_TEMPLATE
     return tokenizer
+
+
+ANSWER_CUE = "\nAnswer:"
 
 
 # ChatML, as Qwen2.5 uses, so conversational data and chat policies work with the world's tokenizer.
