@@ -197,7 +197,7 @@ EVAL_CASES = [
     ("zero batch size", ["--reward_models", "{rm}", "--batch_size", "0"],
      "recipes/eval/embedded.yaml: batch_size must be >= 1, got 0"),
     ("unknown key", ["--reward_models", "{rm}", "--batchsize", "8"],
-     "command line: unknown key 'batchsize' (did you mean: batch_size, dataset_name, eval_datasets?)"),
+     "command line: unknown key 'batchsize' (did you mean: batch_size, dataset_name, as_chat?)"),
     ("output under a regular file", ["--reward_models", "{rm}", "--output_dir", "{tmp}/a_file/out"],
      "output_dir cannot be created: {tmp}/a_file/out ({tmp}/a_file is not a directory)"),
 ]
