@@ -70,11 +70,35 @@ def compare(aplot: dict, bt: dict, confidence: float, higher_is_better=True) -> 
         return {**out, "verdict": "one seed"}
     from scipy.stats import t
 
-    half = t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-    out.update(low=mean - half, high=mean + half, ahead=sum((d > 0) == higher_is_better and d != 0 for d in diffs))
+    sd = statistics.stdev(diffs)
+    half = t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    out.update(low=mean - half, high=mean + half, ahead=sum((d > 0) == higher_is_better and d != 0 for d in diffs),
+               detectable=detectable_difference(sd, n, 1 - confidence))
     good, bad = (out["low"] > 0, out["high"] < 0) if higher_is_better else (out["high"] < 0, out["low"] > 0)
     out["verdict"] = "beats" if good else "worse" if bad else "no clear difference"
     return out
+
+
+def detectable_difference(sd: float, n: int, alpha: float, power: float = 0.8) -> float | None:
+    """The smallest true APLOT - BT difference that a two-sided paired t-test at level `alpha` over `n`
+    seeds detects with probability `power`, given the paired standard deviation `sd`: the delta that solves
+    P(|T| > t_crit) = power for T noncentral-t with n - 1 degrees of freedom and noncentrality
+    delta * sqrt(n) / sd. None when it cannot be told (under two seeds, or no spread at all)."""
+    if n < 2 or not sd > 0:
+        return None
+    from scipy.optimize import brentq
+    from scipy.stats import nct, t
+
+    df, crit = n - 1, t.ppf(1 - alpha / 2, n - 1)
+
+    def shortfall(delta):
+        nc = delta * math.sqrt(n) / sd
+        return nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc) - power
+
+    high = sd
+    while shortfall(high) < 0:  # power grows with delta: widen until it is reached
+        high *= 2
+    return brentq(shortfall, 0.0, high, xtol=1e-12 * sd)
 
 
 def steps_to(curve, target):
@@ -104,7 +128,9 @@ def verdict_line(claim: str, c: dict, confidence: float, unit="", digits=3, lowe
           f"APLOT {'faster' if lower_wording else 'ahead'} in {c['ahead']} of {c['n']}")
     word = {"beats": "**APLOT beats BT**", "worse": "**APLOT does worse than BT**",
             "no clear difference": "**no clear difference**"}[c["verdict"]]
-    return f"- {claim}: {word}, APLOT − BT = {d} ({ci})."
+    power = (f"; a true difference of ±{c['detectable']:.{digits}f}{unit} would be detected 80% of the time"
+             if c.get("detectable") is not None else "")
+    return f"- {claim}: {word}, APLOT − BT = {d} ({ci}{power})."
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -220,6 +246,70 @@ def bon_by_method(results) -> dict:
             by_method.setdefault(model["method"], {}).setdefault(row["n"], {})[model["seed"]] = row["gold"]
             kl[row["n"]] = row["kl"]
     return by_method, kl
+
+
+def fit_overoptimisation(kl, gold) -> dict:
+    """Gao et al. (2023)'s Best-of-N form gold(d) = d (alpha - beta d), d = sqrt(KL), fitted by least squares
+    to a proxy's curve (gold normalised to 0 at n = 1, so no intercept). Where beta > 0 the curve peaks at
+    d* = alpha / (2 beta), gold alpha^2 / (4 beta); its n inverts KL(n) = log n - (n - 1) / n, the x-axis of
+    the table, which is an upper bound on the true KL of best-of-n (Beirami et al., 2024)."""
+    import numpy as np
+
+    d = np.sqrt(np.asarray(kl, dtype=float))
+    (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -d * d], 1), np.asarray(gold, dtype=float), rcond=None)
+    fit = {"alpha": float(alpha), "beta": float(beta), "peak_n": None, "peak_gold": None}
+    if beta > 0:
+        fit["peak_kl"] = (alpha / (2 * beta)) ** 2 if alpha > 0 else 0.0
+        fit["peak_n"] = n_at_kl(fit["peak_kl"])
+        fit["peak_gold"] = float(alpha * alpha / (4 * beta)) if alpha > 0 else 0.0
+    return fit
+
+
+def n_at_kl(kl: float) -> float:
+    """The n whose best-of-n KL bound log n - (n - 1) / n equals `kl` (n >= 1; the bound grows with n)."""
+    from scipy.optimize import brentq
+
+    if kl <= 0:
+        return 1.0
+    high = 2.0
+    while math.log(high) - (high - 1) / high < kl:
+        high *= 2
+    return brentq(lambda n: math.log(n) - (n - 1) / n - kl, 1.0, high, xtol=1e-10)
+
+
+def overoptimisation_lines(bon: dict, confidence: float) -> list[str]:
+    """The fitted over-optimisation curve of each method, per seed and as a mean with its interval."""
+    from scipy.stats import t
+
+    fits = {}
+    for proxy, model in bon.get("models", {}).items():
+        rows = sorted((r for r in bon["table"] if r["proxy"] == proxy), key=lambda r: r["n"])
+        if len(rows) >= 3:
+            fits.setdefault(model["method"], []).append(
+                fit_overoptimisation([r["kl"] for r in rows], [r["gold_normalized"] for r in rows]))
+    if not fits:
+        return []
+    n_max = bon["n_samples"]
+
+    def interval(values):
+        mean, sd, n = mean_std(values)
+        if n < 2:
+            return fmt(mean)
+        half = t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+        return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+
+    body = []
+    for method, per_seed in fits.items():
+        peaks = ", ".join("none" if f["peak_n"] is None else f"{f['peak_n']:.0f}" + ("*" if f["peak_n"] > n_max else "")
+                          for f in per_seed)
+        golds = [f["peak_gold"] for f in per_seed if f["peak_gold"] is not None]
+        body.append([f"`{method}`", interval([f["alpha"] for f in per_seed]), interval([f["beta"] for f in per_seed]),
+                     peaks, interval(golds) if len(golds) == len(per_seed) else "-"])
+    return [f"Over-optimisation: each seed's curve of gold reward (0 at n = 1) against d = sqrt(KL) fitted to Gao et "
+            f"al. (2023)'s gold(d) = d (alpha - beta d); mean and {confidence:.0%} interval over seeds. KL here is "
+            "log n - (n - 1)/n, an upper bound on the true KL of best-of-n (Beirami et al., 2024). The curve peaks "
+            f"only where beta > 0; * marks a peak beyond the sampled n = {n_max}, extrapolated by the fit:", "",
+            md_table(["proxy", "alpha", "beta", "peak n (per seed)", "gold at the peak"], body), ""]
 
 
 def plot_bon(results, path) -> bool:
@@ -460,6 +550,7 @@ def render(results: dict, plots: dict[str, bool]) -> str:
         out += [md_table(["proxy", *[f"gold@{n}" for n in ns]], body), ""]
         if plots.get("bon"):
             out += ["![Best-of-N](bon.png)", ""]
+        out += overoptimisation_lines(bon, conf)
     else:
         out += [f"Not measured: {bon.get('error', 'no result')}.", ""]
 
