@@ -13,6 +13,8 @@ import statistics
 import textwrap
 from pathlib import Path
 
+from benchmarks.stats import fit_overoptimisation, mean_interval, paired_comparison
+
 METRICS = {  # column: (eval set, key in the run record, label)
     "id_acc": ("test_id", "accuracy", "ID acc"),
     "ood_acc": ("test_ood", "accuracy", "OOD acc"),
@@ -22,6 +24,7 @@ METRICS = {  # column: (eval set, key in the run record, label)
     "ood_auc": ("test_ood", "auc", "OOD AUC"),
 }
 DEFAULT_GAMMA, DEFAULT_SCALE = 0.1, 1.0
+POWER = 0.8  # of the detectable difference each verdict states
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -57,48 +60,8 @@ def default_runs(results, method, noise=0.0) -> dict[int, dict]:
 
 
 def compare(aplot: dict, bt: dict, confidence: float, higher_is_better=True) -> dict:
-    """APLOT - BT paired by seed (same initialisation and data order): mean, Student-t interval, verdict."""
-    seeds = sorted(set(aplot) & set(bt))
-    diffs = [aplot[s] - bt[s] for s in seeds if aplot[s] is not None and bt[s] is not None]
-    n = len(diffs)
-    out = {"n": n, "diffs": diffs}
-    if n == 0:
-        return {**out, "verdict": "not measured"}
-    mean = statistics.fmean(diffs)
-    out["mean"] = mean
-    if n == 1:
-        return {**out, "verdict": "one seed"}
-    from scipy.stats import t
-
-    sd = statistics.stdev(diffs)
-    half = t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
-    out.update(low=mean - half, high=mean + half, ahead=sum((d > 0) == higher_is_better and d != 0 for d in diffs),
-               detectable=detectable_difference(sd, n, 1 - confidence))
-    good, bad = (out["low"] > 0, out["high"] < 0) if higher_is_better else (out["high"] < 0, out["low"] > 0)
-    out["verdict"] = "beats" if good else "worse" if bad else "no clear difference"
-    return out
-
-
-def detectable_difference(sd: float, n: int, alpha: float, power: float = 0.8) -> float | None:
-    """The smallest true APLOT - BT difference that a two-sided paired t-test at level `alpha` over `n`
-    seeds detects with probability `power`, given the paired standard deviation `sd`: the delta that solves
-    P(|T| > t_crit) = power for T noncentral-t with n - 1 degrees of freedom and noncentrality
-    delta * sqrt(n) / sd. None when it cannot be told (under two seeds, or no spread at all)."""
-    if n < 2 or not sd > 0:
-        return None
-    from scipy.optimize import brentq
-    from scipy.stats import nct, t
-
-    df, crit = n - 1, t.ppf(1 - alpha / 2, n - 1)
-
-    def shortfall(delta):
-        nc = delta * math.sqrt(n) / sd
-        return nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc) - power
-
-    high = sd
-    while shortfall(high) < 0:  # power grows with delta: widen until it is reached
-        high *= 2
-    return brentq(shortfall, 0.0, high, xtol=1e-12 * sd)
+    """APLOT - BT paired by seed (same initialisation and data order): `stats.paired_comparison`."""
+    return paired_comparison(aplot, bt, confidence, higher_is_better, POWER)
 
 
 def steps_to(curve, target):
@@ -128,8 +91,8 @@ def verdict_line(claim: str, c: dict, confidence: float, unit="", digits=3, lowe
           f"APLOT {'faster' if lower_wording else 'ahead'} in {c['ahead']} of {c['n']}")
     word = {"beats": "**APLOT beats BT**", "worse": "**APLOT does worse than BT**",
             "no clear difference": "**no clear difference**"}[c["verdict"]]
-    power = (f"; a true difference of ±{c['detectable']:.{digits}f}{unit} would be detected 80% of the time"
-             if c.get("detectable") is not None else "")
+    power = (f"; a true difference of ±{c['detectable']:.{digits}f}{unit} would be detected {c['power']:.0%} of the "
+             "time" if c.get("detectable") is not None else f"; no detectable difference: {c['detectable_reason']}")
     return f"- {claim}: {word}, APLOT − BT = {d} ({ci}{power})."
 
 
@@ -248,39 +211,8 @@ def bon_by_method(results) -> dict:
     return by_method, kl
 
 
-def fit_overoptimisation(kl, gold) -> dict:
-    """Gao et al. (2023)'s Best-of-N form gold(d) = d (alpha - beta d), d = sqrt(KL), fitted by least squares
-    to a proxy's curve (gold normalised to 0 at n = 1, so no intercept). Where beta > 0 the curve peaks at
-    d* = alpha / (2 beta), gold alpha^2 / (4 beta); its n inverts KL(n) = log n - (n - 1) / n, the x-axis of
-    the table, which is an upper bound on the true KL of best-of-n (Beirami et al., 2024)."""
-    import numpy as np
-
-    d = np.sqrt(np.asarray(kl, dtype=float))
-    (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -d * d], 1), np.asarray(gold, dtype=float), rcond=None)
-    fit = {"alpha": float(alpha), "beta": float(beta), "peak_n": None, "peak_gold": None}
-    if beta > 0:
-        fit["peak_kl"] = (alpha / (2 * beta)) ** 2 if alpha > 0 else 0.0
-        fit["peak_n"] = n_at_kl(fit["peak_kl"])
-        fit["peak_gold"] = float(alpha * alpha / (4 * beta)) if alpha > 0 else 0.0
-    return fit
-
-
-def n_at_kl(kl: float) -> float:
-    """The n whose best-of-n KL bound log n - (n - 1) / n equals `kl` (n >= 1; the bound grows with n)."""
-    from scipy.optimize import brentq
-
-    if kl <= 0:
-        return 1.0
-    high = 2.0
-    while math.log(high) - (high - 1) / high < kl:
-        high *= 2
-    return brentq(lambda n: math.log(n) - (n - 1) / n - kl, 1.0, high, xtol=1e-10)
-
-
 def overoptimisation_lines(bon: dict, confidence: float) -> list[str]:
     """The fitted over-optimisation curve of each method, per seed and as a mean with its interval."""
-    from scipy.stats import t
-
     fits = {}
     for proxy, model in bon.get("models", {}).items():
         rows = sorted((r for r in bon["table"] if r["proxy"] == proxy), key=lambda r: r["n"])
@@ -292,19 +224,21 @@ def overoptimisation_lines(bon: dict, confidence: float) -> list[str]:
     n_max = bon["n_samples"]
 
     def interval(values):
-        mean, sd, n = mean_std(values)
-        if n < 2:
-            return fmt(mean)
-        half = t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
-        return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+        c = mean_interval(values, confidence)
+        if c["low"] is None:
+            return fmt(c["mean"], n=c["n"])
+        return f"{c['mean']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+
+    def peak(f):
+        if f["alpha"] is None:
+            return "not fitted"
+        return "none" if f["peak_n"] is None else f"{f['peak_n']:.0f}" + ("*" if f["extrapolated"] else "")
 
     body = []
     for method, per_seed in fits.items():
-        peaks = ", ".join("none" if f["peak_n"] is None else f"{f['peak_n']:.0f}" + ("*" if f["peak_n"] > n_max else "")
-                          for f in per_seed)
         golds = [f["peak_gold"] for f in per_seed if f["peak_gold"] is not None]
         body.append([f"`{method}`", interval([f["alpha"] for f in per_seed]), interval([f["beta"] for f in per_seed]),
-                     peaks, interval(golds) if len(golds) == len(per_seed) else "-"])
+                     ", ".join(map(peak, per_seed)), interval(golds) if len(golds) == len(per_seed) else "-"])
     return [f"Over-optimisation: each seed's curve of gold reward (0 at n = 1) against d = sqrt(KL) fitted to Gao et "
             f"al. (2023)'s gold(d) = d (alpha - beta d); mean and {confidence:.0%} interval over seeds. KL here is "
             "log n - (n - 1)/n, an upper bound on the true KL of best-of-n (Beirami et al., 2024). The curve peaks "
@@ -439,7 +373,11 @@ def render(results: dict, plots: dict[str, bool]) -> str:
     out += [f"Verdicts compare APLOT with BT run for run on the same seed: the mean of the paired differences "
             f"and its {conf:.0%} confidence interval (Student t over seeds). APLOT *beats* BT where the whole "
             "interval is on its side, does *worse* where it is on BT's side, and otherwise there is *no clear "
-            "difference*; a single seed gets no verdict.", ""]
+            "difference*; a single seed gets no verdict. Each verdict also gives the smallest true difference that "
+            f"a two-sided paired t-test at {1 - conf:.0%} over these seeds would detect {POWER:.0%} of the time (the "
+            "noncentral t at the observed spread of the differences): *no clear difference* speaks against "
+            "differences about that large, which would usually have shown, not against smaller ones; with few seeds "
+            "the spread, and so that size, is itself rough.", ""]
 
     # Verdicts.
     verdicts = []

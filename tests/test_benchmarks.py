@@ -133,7 +133,7 @@ def test_detectable_difference_has_the_stated_power():
     import numpy as np
     from scipy.stats import t
 
-    from benchmarks.report import detectable_difference
+    from benchmarks.stats import detectable_difference
 
     delta = detectable_difference(1.0, 5, 0.05)
     assert delta == pytest.approx(1.662, rel=0.03)
@@ -144,26 +144,3 @@ def test_detectable_difference_has_the_stated_power():
     assert detectable_difference(1.0, 20, 0.05) < delta  # more seeds see smaller differences
     assert detectable_difference(1.0, 1, 0.05) is None and detectable_difference(0.0, 5, 0.05) is None
 
-
-def test_overoptimisation_fit_recovers_a_known_curve_and_its_peak():
-    import math
-
-    import numpy as np
-
-    from aplot.bon import kl_best_of_n
-    from benchmarks.report import fit_overoptimisation, n_at_kl
-
-    ns = [2**k for k in range(9)]  # N up to 256
-    kl = [kl_best_of_n(n) for n in ns]
-    alpha, beta = 0.30, 0.08
-    gold = [math.sqrt(k) * (alpha - beta * math.sqrt(k)) for k in kl]
-    fit = fit_overoptimisation(kl, gold)
-    assert (fit["alpha"], fit["beta"]) == (pytest.approx(alpha, abs=1e-12), pytest.approx(beta, abs=1e-12))
-    peak_d = alpha / (2 * beta)
-    assert fit["peak_gold"] == pytest.approx(alpha**2 / (4 * beta))
-    assert kl_best_of_n(fit["peak_n"]) == pytest.approx(peak_d**2, abs=1e-9)  # the n inverts the KL bound
-    noisy = np.array(gold) + np.random.default_rng(0).normal(0, 0.002, len(gold))
-    assert fit_overoptimisation(kl, noisy)["alpha"] == pytest.approx(alpha, abs=0.01)
-    rising = fit_overoptimisation(kl, [0.1 * math.sqrt(k) + 0.01 * k for k in kl])  # no over-optimisation
-    assert rising["beta"] == pytest.approx(-0.01) and rising["peak_n"] is None and rising["peak_gold"] is None
-    assert n_at_kl(0.0) == 1.0

@@ -187,8 +187,9 @@ def test_bf16_reward_model_trains_with_finite_margins(qwen, tmp_path):
     from pipelines import rm
 
     metrics = rm.main(tiny_rm_argv(tmp_path / "rm", "--model_name_or_path", qwen.preset, "--init_from", "sft",
-                                   "--lineage_dir", qwen.lineage, "--dtype", "bfloat16", "--bf16", "true", "--use_cpu", "true",
-                                   "--dataset_format", "conversational", "--eval_strategy", "no", "--max_steps", "2"))
+                                   "--lineage_dir", qwen.lineage, "--dtype", "bfloat16", "--bf16", "true",
+                                   "--use_cpu", "true", "--dataset_format", "conversational", "--eval_strategy", "no",
+                                   "--max_steps", "2"))
     logs = json.loads((tmp_path / "rm" / "log_history.json").read_text())
     steps = [r for r in logs if "loss" in r]
     assert len(steps) == 2 and metrics["train_steps"] == 2
