@@ -59,11 +59,16 @@ class DataConfig:
         "help": "Share of training pairs whose labels are flipped (embedded world)."})
     curve_eval_pairs: int = field(default=500, metadata={
         "help": "Pairs of the first eval split scored at each eval step for the training curve."})
+    curve_train_pairs: int = field(default=0, metadata={
+        "help": "Also score this many training pairs, with the labels trained on, at each eval step "
+                "(logged as eval_train_accuracy beside the held-out set's eval_<split>_accuracy): the gap "
+                "between the two curves shows over-fitting. 0: the held-out curve alone."})
 
     def __post_init__(self):
         check_range("n_train", self.n_train, low=1)
         check_range("n_eval", self.n_eval, low=1)
         check_range("curve_eval_pairs", self.curve_eval_pairs, low=1)
+        check_range("curve_train_pairs", self.curve_train_pairs, low=0)
         check_range("hard_fraction", self.hard_fraction, 0.0, 1.0)
         check_range("label_noise", self.label_noise, 0.0, 1.0)
         if self.max_train_pairs is not None:

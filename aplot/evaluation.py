@@ -148,6 +148,19 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + (f"\n\n{tables}" if tables else "")
 
 
+def eval_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Pairwise accuracy at each evaluation during training, by eval set: [(step, accuracy)] under
+    "held-out" for a single eval set (`eval_accuracy`), under each set's name for several
+    (`eval_<name>_accuracy`; with `curve_train_pairs`, the held-out split and "train")."""
+    curves = {}
+    for record in log_history:
+        for key, value in record.items():
+            if key.startswith("eval_") and key.endswith("accuracy"):
+                name = key[len("eval_"):-len("accuracy")].rstrip("_") or "held-out"
+                curves.setdefault(name, []).append((record["step"], value))
+    return curves
+
+
 def plot_training_curve(log_history: list[dict], path, title="") -> None:
     """Training loss and accuracy (smoothed per logging step) with held-out accuracy, against steps."""
     import matplotlib
@@ -156,15 +169,14 @@ def plot_training_curve(log_history: list[dict], path, title="") -> None:
     import matplotlib.pyplot as plt
 
     train = [r for r in log_history if "loss" in r and "step" in r]
-    evals = [r for r in log_history if "eval_accuracy" in r]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue")
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
     ax_acc.plot([r["step"] for r in train], [r.get("accuracy", float("nan")) for r in train],
                 color="tab:blue", alpha=0.5, label="train batches")
-    if evals:
-        ax_acc.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-",
-                    color="tab:orange", label="held-out")
+    for name, curve in eval_curves(log_history).items():
+        ax_acc.plot(*zip(*curve), "o-", color="tab:red" if name == "train" else "tab:orange",
+                    label="training pairs (scored)" if name == "train" else f"held-out ({name})")
     ax_acc.set(xlabel="step", ylabel="pairwise accuracy", title="accuracy", ylim=(0.4, 1.0))
     ax_acc.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax_acc.legend(loc="lower right")

@@ -29,6 +29,26 @@ class APLOTRewardTrainer(RewardTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.score_input = ScoreInputCapture(unwrapped)
         self.pad_token_id = unwrapped.config.pad_token_id
+        self.eval_prefix = "eval"
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        # Transformers evaluates a dict of eval sets one by one as `eval_<name>`; TRL's `log` would file
+        # every set's accuracy under plain `eval_`, so the prefix in use is kept for `log` below.
+        self.eval_prefix = metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self.eval_prefix = "eval"
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's `log`, with each eval set's reward metrics under its own prefix (`eval_train_accuracy`)."""
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(val) / len(val) for key, val in self._metrics[mode].items()}
+        if mode == "eval":
+            metrics = {f"{self.eval_prefix}_{key}": val for key, val in metrics.items()}
+        logs.update(metrics)
+        super(RewardTrainer, self).log(logs, start_time)
+        self._metrics[mode].clear()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: APLOTConfig = self.args

@@ -1,5 +1,5 @@
-"""The bench's reward-model trainings: every method, seed, label-noise level and APLOT setting as one
-real `make rm` run (pipelines.rm on the embedded recipe with overrides), run two at a time.
+"""The bench's reward-model trainings: every section, method, seed, label-noise level and APLOT setting as
+one real `make rm` run (pipelines.rm on the embedded recipe with overrides), run two at a time.
 
 Each training gets one thread: on 2 cores two one-thread runs side by side finish sooner than the same
 runs one after the other with two threads each, and a one-thread run does not collapse when other work
@@ -17,14 +17,17 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+from aplot.evaluation import eval_curves
 from benchmarks.settings import BenchSettings
 
 DEFAULT_GAMMA, DEFAULT_SCALE = 0.1, 1.0
+SECTIONS = ("main", "scratch", "overfit")  # see BenchSettings
 
 
-def run_id(method, seed, noise=0.0, gamma=DEFAULT_GAMMA, scale=DEFAULT_SCALE) -> str:
-    """A run's name (and its directory and Best-of-N scorer name): what differs from the recipe."""
-    name = f"{method}-noise{noise:g}"
+def run_id(method, seed, noise=0.0, gamma=DEFAULT_GAMMA, scale=DEFAULT_SCALE, section="main") -> str:
+    """A run's name (and its directory and Best-of-N scorer name): its section unless main, then what
+    differs from the recipe."""
+    name = ("" if section == "main" else f"{section}-") + f"{method}-noise{noise:g}"
     if gamma != DEFAULT_GAMMA:
         name += f"-gamma{gamma:g}"
     if scale != DEFAULT_SCALE:
@@ -33,46 +36,70 @@ def run_id(method, seed, noise=0.0, gamma=DEFAULT_GAMMA, scale=DEFAULT_SCALE) ->
 
 
 def plan(s: BenchSettings) -> list[dict]:
-    """Every training the sections need, each once: the APLOT default run at noise 0 serves the
-    quality table, the convergence curves and both sweeps. Noise-0 runs of the default settings log
-    the convergence curve."""
+    """Every training the sections need, each once: the main regime's default APLOT run at noise 0 serves
+    the quality table, the convergence curves, both sweeps, Best-of-N and PPO. Noise-0 main runs of the
+    default settings log the convergence curve; over-fitting runs log theirs after every epoch."""
     specs = {}
 
-    def add(method, seed, noise=0.0, gamma=DEFAULT_GAMMA, scale=DEFAULT_SCALE):
-        spec = {"id": run_id(method, seed, noise, gamma, scale), "method": method, "seed": seed, "noise": noise,
-                "gamma": gamma, "scale": scale,
-                "logs_curve": noise == 0 and gamma == DEFAULT_GAMMA and scale == DEFAULT_SCALE}
+    def add(method, seed, noise=0.0, gamma=DEFAULT_GAMMA, scale=DEFAULT_SCALE, section="main"):
+        spec = {"id": run_id(method, seed, noise, gamma, scale, section), "section": section, "method": method,
+                "seed": seed, "noise": noise, "gamma": gamma, "scale": scale,
+                "logs_curve": section == "overfit" or (section == "main" and noise == 0 and gamma == DEFAULT_GAMMA
+                                                       and scale == DEFAULT_SCALE)}
         specs.setdefault(spec["id"], spec)
 
-    for seed in s.seeds:
+    for i, seed in enumerate(s.seeds):
         for noise in s.noise_levels:
             for method in s.methods:
                 add(method, seed, noise)
-        for gamma in s.gammas:
-            add("aplot", seed, gamma=gamma)
-        for scale in s.scales:
-            add("aplot", seed, scale=scale)
+        if i < s.sweep_seeds:
+            for gamma in s.gammas:
+                add("aplot", seed, gamma=gamma)
+            for scale in s.scales:
+                add("aplot", seed, scale=scale)
+        for noise in s.scratch_noise_levels:
+            for method in s.scratch_methods:
+                add(method, seed, noise, section="scratch")
+        for noise in s.overfit_noise_levels:
+            for method in s.overfit_methods:
+                add(method, seed, noise, section="overfit")
     # The runs that also log a curve take longest: start them first so no long run is left at the end.
     return sorted(specs.values(), key=lambda r: not r["logs_curve"])
 
 
 def rm_argv(spec: dict, s: BenchSettings, out_dir: Path) -> list[str]:
     """The command line of `python -m pipelines.rm` for one run."""
+    section = spec.get("section", "main")
+    n_train, epochs = 16 * s.max_steps, 1
+    if section == "overfit":  # a small training set seen several times, in as many steps as a main run
+        n_train, epochs = 16 * s.max_steps // s.overfit_fraction, s.overfit_epochs
     argv = ["--config", s.recipe, "--output_dir", str(out_dir / spec["id"]), "--loss_type", spec["method"],
             "--seed", str(spec["seed"]), "--label_noise", str(spec["noise"]), "--gamma", str(spec["gamma"]),
-            "--margin_scale", str(spec["scale"]), "--init_from", s.init_from, "--learning_rate", str(s.learning_rate),
-            "--n_train", str(16 * s.max_steps), "--max_steps",
-            str(s.max_steps), "--warmup_steps", str(s.warmup_steps), "--n_eval", str(s.n_eval),
+            "--margin_scale", str(spec["scale"]), "--model_name_or_path", s.preset,
+            "--init_from", "scratch" if section == "scratch" else "sft",
+            "--learning_rate", str(s.scratch_learning_rate if section == "scratch" else s.learning_rate),
+            "--n_train", str(n_train), "--num_train_epochs", str(epochs), "--max_steps", str(n_train * epochs // 16),
+            "--warmup_steps", str(s.warmup_steps), "--n_eval", str(s.n_eval),
             "--save_strategy", "no", "--logging_steps", str(max(1, min(50, s.max_steps // 4))),
-            "--report_to", "none", "--disable_tqdm", "true"]
+            "--report_to", "none", "--disable_tqdm", "true",
+            "--lineage_dir", str(out_dir.parent / "lineage")]  # the bench's own, beside its rm directory
     if spec["method"] == "margin":
         argv += ["--margin_value", str(s.margin_value)]
-    if spec["logs_curve"]:
+    if section == "overfit":
+        # every training pair scored after each epoch, beside as many held-out pairs
+        argv += ["--eval_strategy", "epoch", "--curve_train_pairs", str(n_train), "--curve_eval_pairs",
+                 str(s.curve_eval_pairs)]
+    elif spec["logs_curve"]:
         argv += ["--eval_strategy", "steps", "--eval_steps", str(s.eval_steps),
                  "--curve_eval_pairs", str(s.curve_eval_pairs)]
     else:
         argv += ["--eval_strategy", "no"]
     return argv
+
+
+def held_out(curves: dict) -> list:
+    """The held-out curve of `eval_curves`: the one set that is not the training pairs."""
+    return next((curve for name, curve in curves.items() if name != "train"), [])
 
 
 def _one_thread():
@@ -98,11 +125,13 @@ def train_one(spec: dict, argv: list[str], log_path: str) -> dict:
             metrics = rm.main(argv)
             out = Path(argv[argv.index("--output_dir") + 1])
             history = json.loads((out / "log_history.json").read_text())
+            curves = eval_curves(history)
             record.update(status="ok", train_seconds=metrics["train_seconds"], train_steps=metrics["train_steps"],
                           eval={split: {"accuracy": m["accuracy"], "hard_accuracy": m["hard"]["accuracy"],
                                         "auc": m["auc"], "mean_reward_margin": m["mean_reward_margin"]}
                                 for split, m in metrics["eval"].items()},
-                          curve=[[h["step"], h["eval_accuracy"]] for h in history if "eval_accuracy" in h],
+                          curve=[list(point) for point in held_out(curves)],
+                          train_curve=[list(point) for point in curves.get("train", [])],
                           final_train_loss=next((h["train_loss"] for h in history if "train_loss" in h), None))
         except Exception as err:  # noqa: BLE001 - recorded and reported, the other runs go on
             traceback.print_exc()

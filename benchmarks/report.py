@@ -13,7 +13,7 @@ import statistics
 import textwrap
 from pathlib import Path
 
-from benchmarks.stats import fit_overoptimisation, mean_interval, paired_comparison
+from benchmarks.stats import fit_overoptimisation, mean_interval, n_at_kl, paired_comparison
 
 METRICS = {  # column: (eval set, key in the run record, label)
     "id_acc": ("test_id", "accuracy", "ID acc"),
@@ -53,10 +53,14 @@ def ok_runs(results) -> list[dict]:
     return [r for r in runs if r.get("status") == "ok"] if isinstance(runs, list) else []
 
 
-def default_runs(results, method, noise=0.0) -> dict[int, dict]:
-    """The runs of a method at a noise level with the recipe's gamma and scale, by seed."""
-    return {r["seed"]: r for r in ok_runs(results) if r["method"] == method and r["noise"] == noise
-            and r["gamma"] == DEFAULT_GAMMA and r["scale"] == DEFAULT_SCALE}
+def default_runs(results, method, noise=0.0, section="main") -> dict[int, dict]:
+    """The runs of a section and method at a noise level with the recipe's gamma and scale, by seed."""
+    return {r["seed"]: r for r in ok_runs(results) if r.get("section", "main") == section and r["method"] == method
+            and r["noise"] == noise and r["gamma"] == DEFAULT_GAMMA and r["scale"] == DEFAULT_SCALE}
+
+
+def metric_by_seed(results, method, metric, noise=0.0, section="main") -> dict[int, float]:
+    return {k: value(r, metric) for k, r in default_runs(results, method, noise, section).items()}
 
 
 def compare(aplot: dict, bt: dict, confidence: float, higher_is_better=True) -> dict:
@@ -77,9 +81,25 @@ def steps_to(curve, target):
     return step
 
 
+def quality_table(results, methods, noise, section="main") -> str:
+    """Mean ± sd over seeds of every metric, a row per method; the best mean per column in bold."""
+    table = {m: {k: mean_std([value(r, k) for r in default_runs(results, m, noise, section).values()])
+                 for k in METRICS} for m in methods}
+    best = {k: max((table[m][k][0] for m in table if table[m][k][2]), default=None) for k in METRICS}
+    body = []
+    for m in methods:
+        cells = []
+        for k in METRICS:
+            mean, sd, n = table[m][k]
+            cell = fmt(mean, sd, n)
+            cells.append(f"**{cell}**" if n and mean == best[k] and len(table) > 1 else cell)
+        body.append([f"`{m}`", str(table[m]["id_acc"][2]), *cells])
+    return md_table(["method", "n", *[v[2] for v in METRICS.values()]], body)
+
+
 # ----------------------------------------------------------------------------------------------- text
 
-def verdict_line(claim: str, c: dict, confidence: float, unit="", digits=3, lower_wording=False) -> str:
+def verdict_line(claim: str, c: dict, confidence: float, unit="", digits=3, ahead="ahead") -> str:
     """One plain sentence per claim, from `compare`'s numbers."""
     if c["verdict"] == "not measured":
         return f"- {claim}: not measured."
@@ -88,12 +108,19 @@ def verdict_line(claim: str, c: dict, confidence: float, unit="", digits=3, lowe
         return (f"- {claim}: one seed only, APLOT − BT = {d}; no verdict (one seed cannot show the "
                 f"seed-to-seed spread).")
     ci = (f"{confidence:.0%} CI {c['low']:+.{digits}f} to {c['high']:+.{digits}f}{unit}, {c['n']} seeds, "
-          f"APLOT {'faster' if lower_wording else 'ahead'} in {c['ahead']} of {c['n']}")
+          f"APLOT {ahead} in {c['ahead']} of {c['n']}")
     word = {"beats": "**APLOT beats BT**", "worse": "**APLOT does worse than BT**",
             "no clear difference": "**no clear difference**"}[c["verdict"]]
     power = (f"; a true difference of ±{c['detectable']:.{digits}f}{unit} would be detected {c['power']:.0%} of the "
              "time" if c.get("detectable") is not None else f"; no detectable difference: {c['detectable_reason']}")
+    if c.get("sign_test_p") is not None:
+        power += f"; the verdict is the sign test's, p = {c['sign_test_p']:.3g}"
     return f"- {claim}: {word}, APLOT − BT = {d} ({ci}{power})."
+
+
+def count(n: float) -> str:
+    """A sample count: whole below a million, else in powers of ten (an extrapolated peak can be 1e13)."""
+    return "inf" if math.isinf(n) else f"{n:.0f}" if n < 1e6 else f"{n:.1e}"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -113,21 +140,21 @@ def _plt():
 
 
 def plot_quality(results, path) -> bool:
+    """Accuracy against the share of flipped training labels, one line per method (main regime)."""
     s = results["settings"]
-    methods, noises = s["methods"], s["noise_levels"]
     if not ok_runs(results):
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=False)
-    width = 0.8 / len(methods)
+    noises = s["noise_levels"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, metric in zip(axes, ("id_acc", "ood_acc", "id_hard")):
-        for i, method in enumerate(methods):
-            stats = [mean_std([value(r, metric) for r in default_runs(results, method, nz).values()]) for nz in noises]
-            ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(noises))], [m for m, _, _ in stats],
-                   width, yerr=[sd for _, sd, _ in stats], label=method, capsize=2)
-        ax.set_xticks(range(len(noises)), [f"{nz:.0%} flipped" for nz in noises])
-        ax.set_title(METRICS[metric][2] + " (mean ± sd over seeds)")
-        ax.set_ylim(0.45, 1.0)
+        for i, method in enumerate(s["methods"]):
+            stats = [mean_std(metric_by_seed(results, method, metric, nz).values()) for nz in noises]
+            shift = (i - (len(s["methods"]) - 1) / 2) * 0.004  # keeps the error bars apart
+            ax.errorbar([nz + shift for nz in noises], [m for m, _, _ in stats], yerr=[sd for _, sd, _ in stats],
+                        fmt="o-", capsize=2, label=method, lw=1.8 if method in ("bt", "aplot") else 0.9)
+        ax.set_xticks(noises, [f"{nz:.0%}" for nz in noises])
+        ax.set(xlabel="training labels flipped", title=METRICS[metric][2] + " (mean ± sd over seeds)")
         ax.axhline(0.5, color="grey", lw=0.5)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -166,7 +193,8 @@ def sweep(results, key):
     """{setting: {metric: (mean, sd, n)}} of the APLOT runs at noise 0 that vary `key` alone."""
     other = "scale" if key == "gamma" else "gamma"
     fixed = DEFAULT_SCALE if key == "gamma" else DEFAULT_GAMMA
-    runs = [r for r in ok_runs(results) if r["method"] == "aplot" and r["noise"] == 0 and r[other] == fixed]
+    runs = [r for r in ok_runs(results) if r.get("section", "main") == "main" and r["method"] == "aplot"
+            and r["noise"] == 0 and r[other] == fixed]
     return {v: {m: mean_std([value(r, m) for r in runs if r[key] == v]) for m in METRICS}
             for v in sorted({r[key] for r in runs})}
 
@@ -232,18 +260,32 @@ def overoptimisation_lines(bon: dict, confidence: float) -> list[str]:
     def peak(f):
         if f["alpha"] is None:
             return "not fitted"
-        return "none" if f["peak_n"] is None else f"{f['peak_n']:.0f}" + ("*" if f["extrapolated"] else "")
+        return "none" if f["peak_n"] is None else count(f["peak_n"]) + ("*" if f["extrapolated"] else "")
+
+    def peak_interval(per_seed):
+        # on d* = sqrt(KL) at the peak, where seeds spread about evenly, then read as n (n grows as e^(d*^2))
+        ds = [f["peak_d"] for f in per_seed if f["peak_d"] is not None]
+        if len(ds) < 2 or len(ds) < len(per_seed):
+            return "-"
+        c = mean_interval(ds, confidence)
+        return (f"{count(n_at_kl(c['mean'] ** 2))} [{count(n_at_kl(max(c['low'], 0.0) ** 2))}, "
+                f"{count(n_at_kl(c['high'] ** 2))}]")
 
     body = []
     for method, per_seed in fits.items():
         golds = [f["peak_gold"] for f in per_seed if f["peak_gold"] is not None]
         body.append([f"`{method}`", interval([f["alpha"] for f in per_seed]), interval([f["beta"] for f in per_seed]),
-                     ", ".join(map(peak, per_seed)), interval(golds) if len(golds) == len(per_seed) else "-"])
+                     ", ".join(map(peak, per_seed)), peak_interval(per_seed),
+                     interval(golds) if len(golds) == len(per_seed) else "-"])
     return [f"Over-optimisation: each seed's curve of gold reward (0 at n = 1) against d = sqrt(KL) fitted to Gao et "
             f"al. (2023)'s gold(d) = d (alpha - beta d); mean and {confidence:.0%} interval over seeds. KL here is "
             "log n - (n - 1)/n, an upper bound on the true KL of best-of-n (Beirami et al., 2024). The curve peaks "
             f"only where beta > 0; * marks a peak beyond the sampled n = {n_max}, extrapolated by the fit:", "",
-            md_table(["proxy", "alpha", "beta", "peak n (per seed)", "gold at the peak"], body), ""]
+            md_table(["proxy", "alpha", "beta", "peak n (per seed)", "peak n [interval, on d*]", "gold at the peak"],
+                     body), "",
+            "The interval on the peak is taken on d* = alpha / (2 beta) over the seeds whose curve peaks, then read "
+            "as n; it is given only when every seed's curve peaks. A wide interval on n is a narrow one on d*: n "
+            "grows as the exponential of d*^2.", ""]
 
 
 def plot_bon(results, path) -> bool:
@@ -262,6 +304,89 @@ def plot_bon(results, path) -> bool:
     oracle = results["bon"].get("oracle_gold_at_n", {})
     ax.set(xlabel="KL(best-of-n || policy)", ylabel="gold reward of the proxy's pick",
            title="Best-of-N (mean ± sd over seeds)" + (" — oracle in the table" if oracle else ""))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def overfit_epoch_steps(results) -> int:
+    """Steps per epoch of the over-fitting runs: their small training set in batches of 16 pairs."""
+    s = results["settings"]
+    return math.ceil(16 * s["max_steps"] // s["overfit_fraction"] / 16)
+
+
+def overfit_finals(results, method, noise) -> dict[int, dict]:
+    """Per seed, an over-fitting run's accuracy on its training pairs and held out after the last epoch,
+    their gap, and its best held-out accuracy over the epochs."""
+    out = {}
+    for seed, r in default_runs(results, method, noise, "overfit").items():
+        train, held = dict(map(tuple, r.get("train_curve") or [])), dict(map(tuple, r.get("curve") or []))
+        both = sorted(set(train) & set(held))
+        if both:
+            last = both[-1]
+            out[seed] = {"train": train[last], "held_out": held[last], "gap": train[last] - held[last],
+                         "best_held_out": max(held.values())}
+    return out
+
+
+def plot_overfit(results, path) -> bool:
+    """Training-pair (dashed) and held-out (solid) accuracy after each epoch, mean over seeds; a panel
+    per noise level."""
+    s = results["settings"]
+    noises = [nz for nz in s["overfit_noise_levels"] if any(
+        default_runs(results, m, nz, "overfit") for m in s["overfit_methods"])]
+    if not noises:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(noises), figsize=(5.5 * len(noises), 3.8), squeeze=False)
+    for ax, noise in zip(axes[0], noises):
+        for method in s["overfit_methods"]:
+            runs = default_runs(results, method, noise, "overfit").values()
+            for key, style in (("train_curve", "--"), ("curve", "-")):
+                curves = [dict(map(tuple, r[key])) for r in runs if r.get(key)]
+                if not curves:
+                    continue
+                steps = sorted(set.intersection(*[set(c) for c in curves]))
+                color = {"bt": "tab:blue", "aplot": "tab:orange"}.get(method)
+                # an evaluation after every epoch: the i-th point is epoch i + 1
+                ax.plot(range(1, len(steps) + 1), [statistics.fmean(c[st] for c in curves) for st in steps],
+                        style, marker="o", ms=3, color=color,
+                        label=f"{method} {'training pairs' if key == 'train_curve' else 'held out'}")
+        ax.set(xlabel="epoch", ylabel="accuracy", title=f"Over-fitting, {noise:.0%} flipped (mean over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def ppo_by_method(results) -> dict[str, dict[int, list]]:
+    """{method: {seed: gold curve}} of the PPO section's finished runs, bt first."""
+    out = {}
+    for run in results.get("ppo", {}).get("runs", {}).values():
+        if run.get("status") == "ok":
+            out.setdefault(run["method"], {})[run["seed"]] = run["gold_curve"]
+    return dict(sorted(out.items(), key=lambda item: item[0] != "bt"))
+
+
+def plot_ppo(results, path) -> bool:
+    """Gold reward against KL to the reference through PPO: each seed faint, the mean over seeds bold."""
+    by_method = ppo_by_method(results)
+    if not by_method:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method, curves in by_method.items():
+        color = {"bt": "tab:blue", "aplot": "tab:orange"}.get(method)
+        for curve in curves.values():
+            ax.plot([p["kl"] for p in curve], [p["gold"] for p in curve], "-", color=color, alpha=0.25, lw=0.8)
+        length = min(len(c) for c in curves.values())
+        ax.plot([statistics.fmean(c[i]["kl"] for c in curves.values()) for i in range(length)],
+                [statistics.fmean(c[i]["gold"] for c in curves.values()) for i in range(length)], "o-",
+                color=color, lw=2, label=f"{method} (mean of {len(curves)} seeds)")
+    ax.set(xlabel="KL(policy || reference)", ylabel="gold reward", title="PPO: gold reward against KL")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -360,54 +485,114 @@ def render(results: dict, plots: dict[str, bool]) -> str:
                 "section time.", ""]
 
     # How the runs were made.
+    per_epoch = overfit_epoch_steps(results)
     out += ["Every training is `make rm` (pipelines.rm) on `" + s["recipe"] + "` with these overrides: "
-            f"{s['max_steps']} steps of 16 pairs (n_train {16 * s['max_steps']}, one epoch), {s['warmup_steps']} "
-            f"warm-up steps, final evaluation on {s['n_eval']} pairs of each of test_id and test_ood, "
-            f"{len(s['seeds'])} seed(s) ({', '.join(map(str, s['seeds']))}; the seed sets initialisation and data "
-            f"order, the world is the same), `margin` with margin_value {s['margin_value']}, `label_smoothing` "
-            "at the recipe's value. "
-            f"{len(runs)} trainings, {len(failed)} failed, {s['workers'] or 1} at a time with one thread each.", ""]
+            f"{s['max_steps']} steps of 16 pairs, {s['warmup_steps']} warm-up steps, final evaluation on "
+            f"{s['n_eval']} pairs of each of test_id and test_ood, `margin` with margin_value {s['margin_value']}, "
+            f"`label_smoothing` at the recipe's value; {len(s['seeds'])} seed(s) ({', '.join(map(str, s['seeds']))}; "
+            "the seed sets initialisation and data order, the world is the same). The runs fall in three regimes:", "",
+            f"- **main**: the reward model starts from the SFT policy of the embedded lineage (built by the bench "
+            f"itself: tokenizer, base LM, SFT policy) with a new score head, as one starts from a hub checkpoint; "
+            f"learning rate {s['learning_rate']:g}; n_train {16 * s['max_steps']} (one epoch); every method at "
+            f"{', '.join(f'{nz:.0%}' for nz in s['noise_levels'])} flipped labels; the gamma and margin_scale sweeps "
+            f"on the first {min(s['sweep_seeds'], len(s['seeds']))} seed(s);",
+            f"- **from scratch**: the same architecture built from its config, learning rate "
+            f"{s['scratch_learning_rate']:g} (tuned for it); {', '.join(s['scratch_methods'])} at "
+            f"{', '.join(f'{nz:.0%}' for nz in s['scratch_noise_levels'])} flipped;",
+            f"- **over-fitting**: from the SFT policy on 1/{s['overfit_fraction']} of the pairs "
+            f"({16 * s['max_steps'] // s['overfit_fraction']}) for {s['overfit_epochs']} epochs (as many steps as a "
+            f"main run), accuracy on every training pair and on as many held-out test_id pairs after each epoch; "
+            f"{', '.join(s['overfit_methods'])} at {', '.join(f'{nz:.0%}' for nz in s['overfit_noise_levels'])} "
+            "flipped.", "",
+            f"{len(runs)} trainings, {len(failed)} failed, {s['workers'] or 1} at a time with one thread each. "
+            "Best-of-N and PPO use the main regime's bt and aplot models at 0% flipped.", ""]
     if failed:
         out += ["Failed runs (left out of every mean below): " + "; ".join(f"`{r['id']}` ({r['error']})"
                                                                           for r in failed), ""]
     out += [f"Verdicts compare APLOT with BT run for run on the same seed: the mean of the paired differences "
             f"and its {conf:.0%} confidence interval (Student t over seeds). APLOT *beats* BT where the whole "
             "interval is on its side, does *worse* where it is on BT's side, and otherwise there is *no clear "
-            "difference*; a single seed gets no verdict. Each verdict also gives the smallest true difference that "
+            "difference*; a single seed gets no verdict, and where every seed gave the same difference (an interval "
+            "of no width) the exact sign test decides. Each verdict also gives the smallest true difference that "
             f"a two-sided paired t-test at {1 - conf:.0%} over these seeds would detect {POWER:.0%} of the time (the "
             "noncentral t at the observed spread of the differences): *no clear difference* speaks against "
             "differences about that large, which would usually have shown, not against smaller ones; with few seeds "
             "the spread, and so that size, is itself rough.", ""]
 
-    # Verdicts.
-    verdicts = []
-    bt0, ap0 = default_runs(results, "bt"), default_runs(results, "aplot")
+    # Verdicts, grouped by the paper's claims.
+    def versus(metric, noise=0.0, section="main"):
+        return compare(metric_by_seed(results, "aplot", metric, noise, section),
+                       metric_by_seed(results, "bt", metric, noise, section), conf)
+
+    out += ["## Where APLOT does and does not beat BT", "",
+            "**Main regime, reward model from the SFT policy** (the paper: better preference accuracy, in and out "
+            "of distribution):", ""]
     for metric, claim in (("id_acc", "In-distribution accuracy (test_id)"),
                           ("ood_acc", "Out-of-distribution accuracy (test_ood)"),
                           ("id_hard", "Hard-pair accuracy, test_id"), ("ood_hard", "Hard-pair accuracy, test_ood"),
                           ("id_auc", "Reward separation (AUC), test_id")):
-        c = compare({k: value(r, metric) for k, r in ap0.items()}, {k: value(r, metric) for k, r in bt0.items()}, conf)
-        verdicts.append(verdict_line(claim, c, conf))
+        out.append(verdict_line(claim, versus(metric), conf))
+    out += ["", "**Label noise, main regime** (the paper: robust to noisy preferences):", ""]
     for noise in [nz for nz in s["noise_levels"] if nz > 0]:
-        bt_n, ap_n = default_runs(results, "bt", noise), default_runs(results, "aplot", noise)
         for metric, where in (("id_acc", "in-distribution"), ("ood_acc", "out-of-distribution")):
-            c = compare({k: value(r, metric) for k, r in ap_n.items()}, {k: value(r, metric) for k, r in bt_n.items()},
-                        conf)
-            verdicts.append(verdict_line(f"Under {noise:.0%} flipped labels, {where} accuracy", c, conf))
+            out.append(verdict_line(f"{noise:.0%} flipped, {where} accuracy", versus(metric, noise), conf))
+    out += ["", "**From scratch** (no pretrained backbone):", ""]
+    for noise in s["scratch_noise_levels"]:
+        for metric, where in (("id_acc", "in-distribution"), ("ood_acc", "out-of-distribution")):
+            out.append(verdict_line(f"{noise:.0%} flipped, {where} accuracy", versus(metric, noise, "scratch"),
+                                    conf))
+    out += ["", f"**Over-fitting**, {s['overfit_epochs']} epochs of 1/{s['overfit_fraction']} of the pairs (the "
+            "paper: APLOT reduces over-fitting). The gap is accuracy on the training pairs minus held-out "
+            "accuracy after the last epoch; smaller is better:", ""]
+    for noise in s["overfit_noise_levels"]:
+        finals = {m: overfit_finals(results, m, noise) for m in ("aplot", "bt")}
+        gap, held = ({m: {k: v[key] for k, v in finals[m].items()} for m in finals} for key in ("gap", "held_out"))
+        out.append(verdict_line(f"{noise:.0%} flipped, train − held-out gap", compare(
+            gap["aplot"], gap["bt"], conf, higher_is_better=False), conf, ahead="smaller"))
+        out.append(verdict_line(f"{noise:.0%} flipped, held-out accuracy after the last epoch", compare(
+            held["aplot"], held["bt"], conf), conf))
     censored = s["max_steps"] + s["eval_steps"]
     steps = {m: {k: steps_to(r.get("curve") or [], s["target_accuracy"]) for k, r in default_runs(results, m).items()}
              for m in s["methods"]}
     c = compare({k: v if v is not None else censored for k, v in steps.get("aplot", {}).items()},
                 {k: v if v is not None else censored for k, v in steps.get("bt", {}).items()}, conf,
                 higher_is_better=False)
-    verdicts.append(verdict_line(f"Convergence, steps to {s['target_accuracy']} test_id accuracy (fewer is better)",
-                                 c, conf, unit=" steps", digits=0, lower_wording=True))
+    out += ["", "**Convergence, main regime** (the paper: faster convergence):", "",
+            verdict_line(f"Steps to {s['target_accuracy']} test_id accuracy (fewer is better)", c, conf,
+                         unit=" steps", digits=0, ahead="faster")]
     by_method, kl = bon_by_method(results)
-    for n in sorted({n for by_n in by_method.values() for n in by_n} & {16, 64}):
-        if {"bt", "aplot"} <= set(by_method):
-            c = compare(by_method["aplot"].get(n, {}), by_method["bt"].get(n, {}), conf)
-            verdicts.append(verdict_line(f"Best-of-{n}, gold reward of the proxy's pick", c, conf))
-    out += ["## Where APLOT does and does not beat BT", "", *verdicts, ""]
+    out += ["", "**Best-of-N**, gold reward of the proxy's pick (the paper: a better reward signal for "
+            "alignment):", ""]
+    bon_ns = sorted({n for by_n in by_method.values() for n in by_n} & {16, 64, 256})
+    for n in bon_ns if {"bt", "aplot"} <= set(by_method) else []:
+        out.append(verdict_line(f"Best-of-{n}", compare(by_method["aplot"].get(n, {}), by_method["bt"].get(n, {}),
+                                                         conf), conf))
+    if not bon_ns or not {"bt", "aplot"} <= set(by_method):
+        out.append("- Best-of-16, 64 and 256: not measured.")
+    ppo_runs = ppo_by_method(results)
+    if {"bt", "aplot"} <= set(ppo_runs):
+        after = {m: {k: c[-1]["gold"] for k, c in ppo_runs[m].items()} for m in ("aplot", "bt")}
+        kls = {m: mean_std([c[-1]["kl"] for c in ppo_runs[m].values()]) for m in ("aplot", "bt")}
+        out += ["", "**PPO** against each reward model (the paper: better downstream alignment):", "",
+                verdict_line("Gold reward after PPO", compare(after["aplot"], after["bt"], conf), conf)
+                + f" KL to the reference after PPO: aplot {fmt(*kls['aplot'])}, bt {fmt(*kls['bt'])}."]
+    main_id = versus("id_acc")
+    ours = {"beats": "finds APLOT ahead of BT, unlike theirs",
+            "worse": "finds APLOT behind BT, as theirs does",
+            "no clear difference": "cannot tell APLOT and BT apart"}.get(main_id["verdict"])
+    out += ["", "## Beside an independent replication", "",
+            "Lin et al. (2026), \"From soft targets to reward signals\", re-implemented APLOT with a DeBERTa-v3-base "
+            "reward model on 100k preference pairs over 3 seeds and found APLOT slightly below BT in pair accuracy: "
+            "APLOT 73.6-73.8 % against BT 74.3-74.9 % (their numbers, quoted, not measured here)."
+            + (f" On in-distribution accuracy in the main regime this run {ours} (APLOT − BT = {main_id['mean']:+.3f}, "
+               f"{conf:.0%} CI {main_id['low']:+.3f} to {main_id['high']:+.3f} over {main_id['n']} seeds)."
+               if ours else " This run has no verdict of its own on in-distribution accuracy to set beside it.")
+            + " Their gap, about 0.009 in accuracy, is " + (
+                (f"smaller than the ±{main_id['detectable']:.3f} this run would detect 80% of the time: a gap like "
+                 "theirs could go unseen here." if main_id["detectable"] > 0.009 else
+                 f"at least the ±{main_id['detectable']:.3f} this run would detect 80% of the time: a gap like theirs "
+                 "would usually show here.") if main_id.get("detectable") is not None
+                else "not a size this run's power can be stated against."), ""]
 
     rows = speed_rows(results)
     out += ["Speed targets: " + "; ".join(
@@ -416,31 +601,41 @@ def render(results: dict, plots: dict[str, bool]) -> str:
         for r in rows if r["target"] is not None) + ".", ""]
 
     # 1. Quality.
-    out += ["## 1. Quality", "",
+    out += ["## 1. Quality, main regime", "",
             "Mean ± standard deviation over seeds (n = seeds that finished). ID/OOD: test_id/test_ood; hard: "
             "the pairs tagged hard (one word-edit apart); AUC: P(a chosen reward > a rejected reward), the "
             "separation of the two reward distributions. Best mean per column in bold.", ""]
     for noise in s["noise_levels"]:
-        table = {m: {k: mean_std([value(r, k) for r in default_runs(results, m, noise).values()]) for k in METRICS}
-                 for m in s["methods"]}
-        best = {k: max((table[m][k][0] for m in table if table[m][k][2]), default=None) for k in METRICS}
-        body = []
-        for m in s["methods"]:
-            cells = []
-            for k in METRICS:
-                mean, sd, n = table[m][k]
-                cell = fmt(mean, sd, n)
-                cells.append(f"**{cell}**" if n and mean == best[k] and len(table) > 1 else cell)
-            body.append([f"`{m}`", str(table[m]["id_acc"][2]), *cells])
-        out += [f"**{noise:.0%} of training labels flipped**", "",
-                md_table(["method", "n", *[v[2] for v in METRICS.values()]], body), ""]
+        out += [f"**{noise:.0%} of training labels flipped**", "", quality_table(results, s["methods"], noise), ""]
     if plots.get("quality"):
         out += ["![quality](quality.png)", ""]
 
-    # 2. Convergence.
-    out += ["## 2. Convergence", "",
-            f"test_id accuracy on {s['curve_eval_pairs']} pairs every {s['eval_steps']} steps (noise 0, the "
-            f"paper's Figure 3), and the first logged step from which it stays at or above "
+    out += ["## 2. From scratch", "",
+            "The same reward model built from its config rather than from the SFT policy, beside the main regime's "
+            "runs of the same methods.", ""]
+    for noise in s["scratch_noise_levels"]:
+        out += [f"**{noise:.0%} of training labels flipped, from scratch**", "",
+                quality_table(results, s["scratch_methods"], noise, "scratch"), ""]
+
+    out += ["## 3. Over-fitting", "",
+            f"1/{s['overfit_fraction']} of the pairs for {s['overfit_epochs']} epochs ({per_epoch} steps each). "
+            "After the last epoch: accuracy on the training pairs (against the labels trained on, flipped ones "
+            "included), held out, the gap, and the best held-out accuracy over the epochs; mean ± sd over seeds.", ""]
+    body = []
+    for noise in s["overfit_noise_levels"]:
+        for m in s["overfit_methods"]:
+            finals = overfit_finals(results, m, noise).values()
+            body.append([f"{noise:.0%}", f"`{m}`", str(len(finals)),
+                         *[fmt(*mean_std([f[k] for f in finals])) for k in ("train", "held_out", "gap",
+                                                                            "best_held_out")]])
+    out += [md_table(["flipped", "method", "n", "training pairs", "held out", "gap", "best held out"], body), ""]
+    if plots.get("overfit"):
+        out += ["![over-fitting](overfit.png)", ""]
+
+    # 4. Convergence.
+    out += ["## 4. Convergence", "",
+            f"test_id accuracy on {s['curve_eval_pairs']} pairs every {s['eval_steps']} steps (main regime, noise 0, "
+            f"the paper's Figure 3), and the first logged step from which it stays at or above "
             f"{s['target_accuracy']} to the end of the run (runs that never settle there count as {censored} in "
             "the verdict).", ""]
     body = []
@@ -455,11 +650,12 @@ def render(results: dict, plots: dict[str, bool]) -> str:
     if plots.get("convergence"):
         out += ["![convergence](convergence.png)", ""]
 
-    # 3. Sweeps.
-    out += ["## 3. APLOT settings: gamma and scale", "",
-            "APLOT at noise 0 with one setting changed (gamma weighs the semantic cost, 1 − gamma the reward cost; "
-            "the paper's Figure 2). `margin_scale` multiplies the margin; a scale equal to the batch size is the "
-            "margin multiplied by B, which the paper leaves open.", ""]
+    # 5. Sweeps.
+    out += ["## 5. APLOT settings: gamma and scale", "",
+            "APLOT at noise 0 in the main regime with one setting changed (gamma weighs the semantic cost, 1 − gamma "
+            "the reward cost; the paper's Figure 2). `margin_scale` multiplies the margin; a scale equal to the "
+            "batch size is the margin multiplied by B, which the paper leaves open.", ""]
+    bt0 = default_runs(results, "bt")
     bt_row = [fmt(*mean_std([value(r, k) for r in bt0.values()])) for k in ("id_acc", "ood_acc", "id_hard")]
     for key in ("gamma", "scale"):
         table = sweep(results, key)
@@ -473,16 +669,16 @@ def render(results: dict, plots: dict[str, bool]) -> str:
     if plots.get("sweeps"):
         out += ["![sweeps](sweeps.png)", ""]
 
-    # 4. Best-of-N.
-    out += ["## 4. Best-of-N", ""]
+    # 6. Best-of-N.
+    out += ["## 6. Best-of-N", ""]
     bon = results.get("bon", {})
     if bon.get("status") == "ok":
-        ns = [n for n in sorted(kl) if n in (1, 4, 16, 64)]
+        ns = [n for n in sorted(kl) if n in (1, 4, 16, 64, 256)]
         out += [f"`pipelines.bon` ({bon['backend']} sampling) on {bon['n_prompts']} test_id prompts × "
-                f"{bon['n_samples']} samples of the embedded policy, scored by the bench's bt and aplot models at "
-                f"noise 0 (seeds {', '.join(sorted({str(m['seed']) for m in bon['models'].values()}))}) and the "
-                "world's gold reward; exact expectation over n-subsets. Gold reward of the proxy's pick, mean ± sd "
-                "over seeds:", ""]
+                f"{bon['n_samples']} samples of the lineage's SFT policy in one sampling pass, scored by the main "
+                f"regime's bt and aplot models at noise 0 (seeds "
+                f"{', '.join(sorted({str(m['seed']) for m in bon['models'].values()}))}) and the world's gold "
+                "reward; exact expectation over n-subsets. Gold reward of the proxy's pick, mean ± sd over seeds:", ""]
         body = [[f"`{m}`", *[fmt(*mean_std(list(by_method[m].get(n, {}).values()))) for n in ns]] for m in by_method]
         body.append(["gold itself (ceiling)", *[fmt(bon["oracle_gold_at_n"].get(str(n))) for n in ns]])
         out += [md_table(["proxy", *[f"gold@{n}" for n in ns]], body), ""]
@@ -492,8 +688,30 @@ def render(results: dict, plots: dict[str, bool]) -> str:
     else:
         out += [f"Not measured: {bon.get('error', 'no result')}.", ""]
 
-    # 5. Speed.
-    out += ["## 5. Speed", "",
+    # 7. PPO.
+    out += ["## 7. PPO", ""]
+    ppo = results.get("ppo", {})
+    if ppo.get("status") == "ok" and ppo_runs:
+        failed_ppo = [name for name, r in ppo["runs"].items() if r.get("status") != "ok"]
+        updates = next(r["updates"] for r in ppo["runs"].values() if r.get("status") == "ok")
+        out += [f"`pipelines.ppo` on `{ppo['recipe']}` ({updates} updates, {ppo['episodes']} episodes) against each "
+                "main-regime reward model at noise 0, the PPO seed the reward model's, one thread each. Gold reward, "
+                "the proxy's reward and KL to the reference on the recipe's held-out prompts, mean ± sd over seeds"
+                + (f"; failed: {', '.join(failed_ppo)}" if failed_ppo else "") + ":", ""]
+        body = []
+        for m, curves in ppo_runs.items():
+            firsts, lasts = [c[0] for c in curves.values()], [c[-1] for c in curves.values()]
+            body.append([f"`{m}`", str(len(curves)), fmt(*mean_std([p["gold"] for p in firsts])),
+                         fmt(*mean_std([p["gold"] for p in lasts])), fmt(*mean_std([p["proxy"] for p in lasts])),
+                         fmt(*mean_std([p["kl"] for p in lasts]))])
+        out += [md_table(["reward model", "n", "gold before", "gold after", "proxy after", "KL after"], body), ""]
+        if plots.get("ppo"):
+            out += ["![PPO](ppo.png)", ""]
+    else:
+        out += [f"Not measured: {ppo.get('error', 'no result')}.", ""]
+
+    # 8. Speed.
+    out += ["## 8. Speed", "",
             "Each ratio is of two things timed side by side in one process, interleaved, so that the load of "
             "whatever else shares the machine falls on both; the median of the repeats, min–max beside it.", ""]
     body = []
@@ -564,8 +782,8 @@ def write(results_path, out_dir) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {}
-    for name, draw in (("quality", plot_quality), ("convergence", plot_convergence), ("sweeps", plot_sweeps),
-                       ("bon", plot_bon), ("speed", plot_speed)):
+    for name, draw in (("quality", plot_quality), ("overfit", plot_overfit), ("convergence", plot_convergence),
+                       ("sweeps", plot_sweeps), ("bon", plot_bon), ("ppo", plot_ppo), ("speed", plot_speed)):
         path = out_dir / f"{name}.png"
         plots[name] = draw(results, path)
         if not plots[name] and path.exists():

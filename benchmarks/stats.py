@@ -102,7 +102,9 @@ def paired_comparison(treated: dict, control: dict, confidence: float = 0.95, hi
     have a value for: n, diffs, mean, sd, the Student-t interval low/high, how many pairs favour `treated`
     (ahead), the minimum detectable difference at `power` for a two-sided test at 1 - confidence
     (detectable, or None with detectable_reason), and the verdict: "beats" / "worse" where the whole
-    interval lies on one side of 0, else "no clear difference"; "one seed" and "not measured" below two."""
+    interval lies on one side of 0, else "no clear difference"; "one seed" and "not measured" below two.
+    Where every seed gave the same difference the interval has no width, and the exact sign test
+    (sign_test_p) decides instead."""
     keys = sorted(set(treated) & set(control))
     diffs = [treated[k] - control[k] for k in keys if treated[k] is not None and control[k] is not None]
     n = len(diffs)
@@ -122,6 +124,13 @@ def paired_comparison(treated: dict, control: dict, confidence: float = 0.95, hi
                detectable=detectable_difference(interval["sd"], n, 1 - confidence, power),
                detectable_reason=undetectable_reason(interval["sd"], n), power=power)
     good, bad = (out["low"] > 0, out["high"] < 0) if higher_is_better else (out["high"] < 0, out["low"] > 0)
+    if out["sd"] == 0:
+        # Every seed moved by the same amount: the t interval has no width and would call any nonzero mean
+        # certain. The exact two-sided sign test decides instead (n seeds all one way: p = 2 / 2^n, so it
+        # takes 6 seeds at 95 %); a zero difference favours neither.
+        out["sign_test_p"] = min(1.0, 2 * 0.5**n) if out["mean"] != 0 else 1.0
+        good = good and out["sign_test_p"] < 1 - confidence
+        bad = bad and out["sign_test_p"] < 1 - confidence
     out["verdict"] = "beats" if good else "worse" if bad else "no clear difference"
     return out
 

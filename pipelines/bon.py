@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
     write_json(out / "bon_table.json", table)
     write_atomic(out / "bon_table.csv", lambda tmp: Path(tmp).write_text(to_csv(table)))
     bon.plot_gold_vs_kl(table, out / "bon.png")
-    report_ns = [n for n in (1, 4, 16, 64) if n <= cfg.n_samples]
+    report_ns = [n for n in (1, 4, 16, 64, 256, 1024) if n <= cfg.n_samples]
     metrics = {"n_prompts": len(prompts), "n_samples": cfg.n_samples, "backend": cfg.backend, "policy": str(policy),
                "processes": state.num_processes,
                "gold_at_n": {r["proxy"]: {} for r in table}, "oracle_gold_at_n": {n: oracle[n][0] for n in report_ns}}

@@ -84,6 +84,11 @@ def main(argv=None) -> dict:
         first, _ = next(iter(eval_sets.values()))
         first = as_pairs(first)  # a response_lists set is tracked as its chosen x rejected pairs
         curve_set, _ = for_trainer(first.select(range(min(data_cfg.curve_eval_pairs, len(first)))))
+        if data_cfg.curve_train_pairs:
+            # the pairs as trained on (flipped labels included), beside the held-out set, so that the two
+            # curves show how far the model fits its training pairs beyond what carries over
+            curve_set = {next(iter(eval_sets)): curve_set,
+                         "train": train.select(range(min(data_cfg.curve_train_pairs, len(train))))}
     trainer = APLOTRewardTrainer(model, args, train_dataset=train, eval_dataset=curve_set,
                                  processing_class=tokenizer, peft_config=get_peft_config(model_cfg))
 

@@ -131,6 +131,12 @@ def test_paired_comparison_degenerate_inputs_are_stated():
     same = paired_comparison({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.8, 1: 0.7, 2: 0.6})  # every seed +0.1
     assert same["sd"] == pytest.approx(0, abs=1e-12)
     assert same["detectable"] is None and "same difference" in same["detectable_reason"]
+    # a zero-width interval is no certainty: three seeds all +0.1 is p = 1/4 by the sign test, no verdict
+    assert same["verdict"] == "no clear difference" and same["sign_test_p"] == pytest.approx(0.25)
+    six = paired_comparison({k: 0.9 for k in range(6)}, {k: 0.8 for k in range(6)})  # six seeds all one way
+    assert six["verdict"] == "beats" and six["sign_test_p"] == pytest.approx(1 / 32)
+    assert paired_comparison({k: 0.8 for k in range(6)}, {k: 0.9 for k in range(6)})["verdict"] == "worse"
+    assert paired_comparison({0: 1, 1: 2}, {0: 1, 1: 2})["verdict"] == "no clear difference"
 
 
 def test_every_verdict_line_states_the_detectable_difference():
@@ -234,5 +240,9 @@ def test_report_section_fits_each_seed_and_gives_intervals_over_seeds():
              for a in (0.29, 0.30, 0.31)]
     assert ", ".join(f"{f['peak_n']:.0f}*" for f in peaks) in bt  # each past n = 64: marked as extrapolated
     aplot = next(x for x in lines if x.startswith("| `aplot`"))
-    assert aplot.endswith(", none | - |")
+    assert aplot.endswith(", none | - | - |")  # no peak interval either: one seed's curve has no peak
+    # the peak's interval is taken on d* = alpha / (2 beta): 1.8125, 1.875, 1.9375, mean 1.875, half width
+    # 4.30265 * 0.0625 / sqrt(3) = 0.15526, read as n through the KL bound
+    low, mid, high = (n_at_kl(d**2) for d in (1.875 - 0.15526, 1.875, 1.875 + 0.15526))
+    assert f"| {mid:.0f} [{low:.0f}, {high:.0f}] |" in bt
     assert any("upper bound on the true KL" in x and "Beirami" in x for x in lines)

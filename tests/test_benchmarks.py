@@ -26,37 +26,67 @@ def test_plans_cover_every_section_once(form):
     specs = quality.plan(form)
     ids = [s["id"] for s in specs]
     assert len(ids) == len(set(ids))
-    for seed in form.seeds:
+    for i, seed in enumerate(form.seeds):
         for noise in form.noise_levels:
             for method in form.methods:
                 assert quality.run_id(method, seed, noise) in ids
-        assert all(quality.run_id("aplot", seed, gamma=g) in ids for g in form.gammas)
-        assert all(quality.run_id("aplot", seed, scale=x) in ids for x in form.scales)
-    # the convergence curve is logged by the default runs at noise 0, and only there
-    assert {s["id"] for s in specs if s["logs_curve"]} == {quality.run_id(m, seed) for m in form.methods
-                                                      for seed in form.seeds}
+        swept = [quality.run_id("aplot", seed, gamma=g) for g in form.gammas if g != quality.DEFAULT_GAMMA]
+        swept += [quality.run_id("aplot", seed, scale=x) for x in form.scales if x != quality.DEFAULT_SCALE]
+        assert all((run_id in ids) == (i < form.sweep_seeds) for run_id in swept)
+        for section, methods, noises in (("scratch", form.scratch_methods, form.scratch_noise_levels),
+                                         ("overfit", form.overfit_methods, form.overfit_noise_levels)):
+            assert all(quality.run_id(m, seed, nz, section=section) in ids for m in methods for nz in noises)
+    # curves: the main regime's default runs at noise 0 (convergence) and every over-fitting run
+    assert {s["id"] for s in specs if s["logs_curve"]} == (
+        {quality.run_id(m, seed) for m in form.methods for seed in form.seeds}
+        | {s["id"] for s in specs if s["section"] == "overfit"})
     argv = quality.rm_argv(next(s for s in specs if s["method"] == "margin"), form, Path("out"))
     assert argv[argv.index("--margin_value") + 1] == str(form.margin_value)
     assert argv[argv.index("--n_train") + 1] == str(16 * form.max_steps)
+    assert argv[argv.index("--init_from") + 1] == "sft"
+    scratch = quality.rm_argv(next(s for s in specs if s["section"] == "scratch"), form, Path("out"))
+    assert scratch[scratch.index("--init_from") + 1] == "scratch"
+    assert scratch[scratch.index("--learning_rate") + 1] == str(form.scratch_learning_rate)
+    # over-fitting: a fraction of the pairs for several epochs, in as many steps as a main run
+    small = quality.rm_argv(next(s for s in specs if s["section"] == "overfit"), form, Path("out"))
+    n = int(small[small.index("--n_train") + 1])
+    assert n * form.overfit_fraction == 16 * form.max_steps
+    assert int(small[small.index("--max_steps") + 1]) == form.max_steps
+    assert small[small.index("--num_train_epochs") + 1] == str(form.overfit_epochs)
+    assert small[small.index("--curve_train_pairs") + 1] == str(n)
+    assert small[small.index("--eval_strategy") + 1] == "epoch"
 
 
 @pytest.mark.slow
 def test_micro_bench_runs_every_stage_and_writes_results_from_its_json(tmp_path):
-    from aplot.lineage import policy_path
     from tests.conftest import make_preset
 
-    policy = policy_path(make_preset(tmp_path), str(tmp_path / "lineage"))
+    form = run.FORMS["micro"]
     results = run.main(["--form", "micro", "--out", str(tmp_path / "work"), "--results", str(tmp_path / "res"),
-                        "--policy", policy])
+                        "--preset", make_preset(tmp_path)])
     runs = results["runs"]
-    assert {r["id"] for r in runs} == {s["id"] for s in quality.plan(run.FORMS["micro"])}
+    assert {r["id"] for r in runs} == {s["id"] for s in quality.plan(form)}
     assert all(r["status"] == "ok" for r in runs), [r.get("error") for r in runs]
     # the numbers are the pipeline's own: what pipelines.rm wrote for that run
     bt = next(r for r in runs if r["id"] == quality.run_id("bt", 0))
     saved = json.loads((tmp_path / "work" / "rm" / bt["id"] / "metrics.json").read_text())
     assert bt["eval"]["test_id"]["accuracy"] == saved["eval"]["test_id"]["accuracy"]
-    assert bt["curve"] and all(step > 0 for step, _ in bt["curve"])
+    assert bt["curve"] and all(step > 0 for step, _ in bt["curve"]) and not bt["train_curve"]
+    # the main regime starts from the bench's own lineage; the scratch regime does not
+    settings = {r["id"]: json.loads((tmp_path / "work" / "rm" / r["id"] / "run_settings.json").read_text())
+                for r in runs}
+    assert {r["section"]: settings[r["id"]]["init_from"] for r in runs} == {
+        "main": "sft", "overfit": "sft", "scratch": "scratch"}
+    assert list((tmp_path / "work" / "lineage").glob("*/sft/lineage.json"))
+    # over-fitting: training-pair and held-out accuracy after each of its epochs
+    small = next(r for r in runs if r["section"] == "overfit")
+    steps_per_epoch = form.max_steps // form.overfit_fraction
+    assert [s for s, _ in small["train_curve"]] == [s for s, _ in small["curve"]] == [
+        steps_per_epoch * (e + 1) for e in range(form.overfit_epochs)]
     assert results["bon"]["status"] == "ok" and results["bon"]["n_samples"] == 4
+    ppo = results["ppo"]
+    assert ppo["status"] == "ok" and {r["method"] for r in ppo["runs"].values()} == {"bt", "aplot"}
+    assert all(r["status"] == "ok" and len(r["gold_curve"]) >= 2 for r in ppo["runs"].values())
     assert results["speed_step"]["1"]["aplot_over_bt"]["median"] > 0
     assert results["speed_scoring"]["scorer_ids_over_bare"]["median"] > 0
 
@@ -64,12 +94,14 @@ def test_micro_bench_runs_every_stage_and_writes_results_from_its_json(tmp_path)
     on_disk = json.loads((res / "results.json").read_text())
     assert on_disk["runs"] == json.loads(json.dumps(runs))
     text = (res / "RESULTS.md").read_text()
-    assert text == report.render(on_disk, {name: (res / f"{name}.png").exists()
-                                           for name in ("quality", "convergence", "sweeps", "bon", "speed")})
-    for name in ("quality", "convergence", "bon", "speed"):
-        assert (res / f"{name}.png").stat().st_size > 1000
+    plots = ("quality", "overfit", "convergence", "sweeps", "bon", "ppo", "speed")
+    assert text == report.render(on_disk, {name: (res / f"{name}.png").exists() for name in plots})
+    for name in plots:
+        assert (res / f"{name}.png").stat().st_size > 1000, name
     assert f"{bt['eval']['test_id']['accuracy']:.3f}" in text
-    assert "## Where APLOT does and does not beat BT" in text
+    for heading in ("## Where APLOT does and does not beat BT", "## 2. From scratch", "## 3. Over-fitting",
+                    "## 6. Best-of-N", "## 7. PPO", "## Beside an independent replication"):
+        assert heading in text
 
 
 def fake_results(id_acc_aplot, id_acc_bt, seeds=(0, 1, 2)):

@@ -117,3 +117,27 @@ def test_pipeline_reports_user_errors_as_one_line_and_exit_2(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "error: model path does not exist: ./missing/model"
+
+
+def test_curve_train_pairs_logs_the_fit_to_the_training_labels_beside_held_out_accuracy(tmp_path):
+    from aplot.config import parse_rm_recipe
+    from aplot.data import load_train
+    from aplot.evaluation import eval_curves
+    from aplot.reward_model import RewardScorer, tokenize_pairs
+
+    argv = tiny_rm_argv(tmp_path, "--loss_type", "bt", "--label_noise", "0.25", "--curve_train_pairs", "16")
+    rm.main(argv)
+    curves = eval_curves(json.loads((tmp_path / "log_history.json").read_text()))
+    assert set(curves) == {"test_id", "train"} and [s for s, _ in curves["train"]] == [3]
+    # the training curve is the model's accuracy on the first 16 pairs as trained on, flipped labels included
+    data_cfg, _, _ = parse_rm_recipe(argv)
+    pairs, _ = tokenize_pairs(load_train(data_cfg)[0].select(range(16)), AutoTokenizer.from_pretrained(tmp_path), 128)
+    scorer = RewardScorer(AutoModelForSequenceClassification.from_pretrained(tmp_path).eval(),
+                          AutoTokenizer.from_pretrained(tmp_path), batch_size=16)
+    fit = (scorer.score_ids(pairs["chosen_ids"]) > scorer.score_ids(pairs["rejected_ids"])).float().mean().item()
+    assert curves["train"][-1][1] == pytest.approx(fit)
+
+
+def test_curve_train_pairs_must_not_be_negative(tmp_path):
+    with pytest.raises(UserError, match="curve_train_pairs must be >= 0, got -1"):
+        rm.main(tiny_rm_argv(tmp_path, "--curve_train_pairs", "-1"))
