@@ -112,7 +112,7 @@ bench-step: install
 	$(PY) -m benchmarks.step_time $(ARGS)
 
 # APLOT against its baselines and the pipeline's speed: benchmarks/RESULTS.md, results.json and plots,
-# regenerated from scratch (25 minutes on 2 cores; QUICK=1: every section, smaller, 6 minutes).
+# regenerated from scratch (61 minutes on 2 cores; QUICK=1: every section, one seed, 7 minutes).
 bench: install
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick) $(ARGS)
 

@@ -371,6 +371,16 @@ def ppo_by_method(results) -> dict[str, dict[int, list]]:
     return dict(sorted(out.items(), key=lambda item: item[0] != "bt"))
 
 
+def gold_at_kl(curve: list[dict], kl: float) -> float | None:
+    """Gold reward where a PPO run's curve (evaluations in order) first reaches `kl`, linear between the two
+    evaluations around it; None if the run never got there."""
+    for before, after in zip(curve, curve[1:]):
+        if before["kl"] <= kl <= after["kl"]:
+            share = 0.0 if after["kl"] == before["kl"] else (kl - before["kl"]) / (after["kl"] - before["kl"])
+            return before["gold"] + share * (after["gold"] - before["gold"])
+    return None
+
+
 def plot_ppo(results, path) -> bool:
     """Gold reward against KL to the reference through PPO: each seed faint, the mean over seeds bold."""
     by_method = ppo_by_method(results)
@@ -501,7 +511,8 @@ def render(results: dict, plots: dict[str, bool]) -> str:
             f"{', '.join(f'{nz:.0%}' for nz in s['scratch_noise_levels'])} flipped;",
             f"- **over-fitting**: from the SFT policy on 1/{s['overfit_fraction']} of the pairs "
             f"({16 * s['max_steps'] // s['overfit_fraction']}) for {s['overfit_epochs']} epochs (as many steps as a "
-            f"main run), accuracy on every training pair and on as many held-out test_id pairs after each epoch; "
+            f"main run), accuracy on every training pair and on {s['curve_eval_pairs']} held-out test_id pairs after "
+            "each epoch; "
             f"{', '.join(s['overfit_methods'])} at {', '.join(f'{nz:.0%}' for nz in s['overfit_noise_levels'])} "
             "flipped.", "",
             f"{len(runs)} trainings, {len(failed)} failed, {s['workers'] or 1} at a time with one thread each. "
@@ -573,9 +584,16 @@ def render(results: dict, plots: dict[str, bool]) -> str:
     if {"bt", "aplot"} <= set(ppo_runs):
         after = {m: {k: c[-1]["gold"] for k, c in ppo_runs[m].items()} for m in ("aplot", "bt")}
         kls = {m: mean_std([c[-1]["kl"] for c in ppo_runs[m].values()]) for m in ("aplot", "bt")}
+        # A policy that moved further from the reference is expected to score higher: the gold reward is also
+        # compared at one KL that every run reached, read off each run's own gold-against-KL curve.
+        kl_common = min(c[-1]["kl"] for m in ("aplot", "bt") for c in ppo_runs[m].values())
+        at_kl = {m: {k: gold_at_kl(c, kl_common) for k, c in ppo_runs[m].items()} for m in ("aplot", "bt")}
         out += ["", "**PPO** against each reward model (the paper: better downstream alignment):", "",
                 verdict_line("Gold reward after PPO", compare(after["aplot"], after["bt"], conf), conf)
-                + f" KL to the reference after PPO: aplot {fmt(*kls['aplot'])}, bt {fmt(*kls['bt'])}."]
+                + f" KL to the reference after PPO: aplot {fmt(*kls['aplot'])}, bt {fmt(*kls['bt'])}.",
+                verdict_line(f"Gold reward at equal KL ({kl_common:.2f}, the smallest any run ended at; each run's "
+                             "gold where its curve first reached it, interpolated)",
+                             compare(at_kl["aplot"], at_kl["bt"], conf), conf)]
     main_id = versus("id_acc")
     ours = {"beats": "finds APLOT ahead of BT, unlike theirs",
             "worse": "finds APLOT behind BT, as theirs does",
@@ -611,8 +629,8 @@ def render(results: dict, plots: dict[str, bool]) -> str:
         out += ["![quality](quality.png)", ""]
 
     out += ["## 2. From scratch", "",
-            "The same reward model built from its config rather than from the SFT policy, beside the main regime's "
-            "runs of the same methods.", ""]
+            "The same reward model built from its config rather than from the SFT policy, at the learning rate "
+            "tuned for that; set it against section 1's rows of the same methods and noise.", ""]
     for noise in s["scratch_noise_levels"]:
         out += [f"**{noise:.0%} of training labels flipped, from scratch**", "",
                 quality_table(results, s["scratch_methods"], noise, "scratch"), ""]

@@ -1,8 +1,8 @@
 """`make bench`: APLOT against its baselines on the embedded world, and the pipeline's speed as ratios;
 writes benchmarks/results.json (every raw number), then benchmarks/RESULTS.md and the plots from it.
 
-    python -m benchmarks.run            # the full form (at most 90 minutes on 2 cores)
-    python -m benchmarks.run --quick    # every section, smaller (at most 15 minutes)
+    python -m benchmarks.run            # the full form (61 minutes on 2 cores here)
+    python -m benchmarks.run --quick    # every section, one seed, shorter (7 minutes)
 
 Work goes to outputs/bench/<form>/ (removed first: every run starts from scratch); the results file
 and plots are replaced only when a run completes.

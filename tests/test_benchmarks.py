@@ -176,3 +176,10 @@ def test_detectable_difference_has_the_stated_power():
     assert detectable_difference(1.0, 20, 0.05) < delta  # more seeds see smaller differences
     assert detectable_difference(1.0, 1, 0.05) is None and detectable_difference(0.0, 5, 0.05) is None
 
+
+
+def test_ppo_gold_is_read_at_the_kl_where_each_curve_first_reaches_it():
+    curve = [{"kl": 0.0, "gold": 0.1}, {"kl": 2.0, "gold": 0.3}, {"kl": 4.0, "gold": 0.2}, {"kl": 3.0, "gold": 0.5}]
+    assert report.gold_at_kl(curve, 1.0) == pytest.approx(0.2)  # half way from 0.1 to 0.3
+    assert report.gold_at_kl(curve, 3.0) == pytest.approx(0.25)  # on the way up, not where KL fell back to 3
+    assert report.gold_at_kl(curve, 5.0) is None
