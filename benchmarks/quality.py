@@ -21,7 +21,6 @@ from aplot.evaluation import eval_curves
 from benchmarks.settings import BenchSettings
 
 DEFAULT_GAMMA, DEFAULT_SCALE = 0.1, 1.0
-SECTIONS = ("main", "scratch", "overfit")  # see BenchSettings
 
 
 def run_id(method, seed, noise=0.0, gamma=DEFAULT_GAMMA, scale=DEFAULT_SCALE, section="main") -> str:
@@ -86,7 +85,7 @@ def rm_argv(spec: dict, s: BenchSettings, out_dir: Path) -> list[str]:
     if spec["method"] == "margin":
         argv += ["--margin_value", str(s.margin_value)]
     if section == "overfit":
-        # every training pair scored after each epoch, beside as many held-out pairs
+        # every training pair scored after each epoch, beside curve_eval_pairs held-out pairs
         argv += ["--eval_strategy", "epoch", "--curve_train_pairs", str(n_train), "--curve_eval_pairs",
                  str(s.curve_eval_pairs)]
     elif spec["logs_curve"]:
