@@ -25,6 +25,7 @@ METRICS = {  # column: (eval set, key in the run record, label)
 }
 DEFAULT_GAMMA, DEFAULT_SCALE = 0.1, 1.0
 POWER = 0.8  # of the detectable difference each verdict states
+COLORS = {"bt": "tab:blue", "aplot": "tab:orange"}  # the two compared methods, alike in every plot
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -311,10 +312,9 @@ def plot_bon(results, path) -> bool:
     return True
 
 
-def overfit_epoch_steps(results) -> int:
-    """Steps per epoch of the over-fitting runs: their small training set in batches of 16 pairs."""
-    s = results["settings"]
-    return math.ceil(16 * s["max_steps"] // s["overfit_fraction"] / 16)
+def overfit_pairs(s: dict) -> int:
+    """The over-fitting runs' training set: 1/overfit_fraction of a main run's pairs (benchmarks.quality)."""
+    return 16 * s["max_steps"] // s["overfit_fraction"]
 
 
 def overfit_finals(results, method, noise) -> dict[int, dict]:
@@ -349,7 +349,7 @@ def plot_overfit(results, path) -> bool:
                 if not curves:
                     continue
                 steps = sorted(set.intersection(*[set(c) for c in curves]))
-                color = {"bt": "tab:blue", "aplot": "tab:orange"}.get(method)
+                color = COLORS.get(method)
                 # an evaluation after every epoch: the i-th point is epoch i + 1
                 ax.plot(range(1, len(steps) + 1), [statistics.fmean(c[st] for c in curves) for st in steps],
                         style, marker="o", ms=3, color=color,
@@ -389,7 +389,7 @@ def plot_ppo(results, path) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method, curves in by_method.items():
-        color = {"bt": "tab:blue", "aplot": "tab:orange"}.get(method)
+        color = COLORS.get(method)
         for curve in curves.values():
             ax.plot([p["kl"] for p in curve], [p["gold"] for p in curve], "-", color=color, alpha=0.25, lw=0.8)
         length = min(len(c) for c in curves.values())
@@ -495,7 +495,7 @@ def render(results: dict, plots: dict[str, bool]) -> str:
                 "section time.", ""]
 
     # How the runs were made.
-    per_epoch = overfit_epoch_steps(results)
+    per_epoch = math.ceil(overfit_pairs(s) / 16)  # steps of 16 pairs
     out += ["Every training is `make rm` (pipelines.rm) on `" + s["recipe"] + "` with these overrides: "
             f"{s['max_steps']} steps of 16 pairs, {s['warmup_steps']} warm-up steps, final evaluation on "
             f"{s['n_eval']} pairs of each of test_id and test_ood, `margin` with margin_value {s['margin_value']}, "
@@ -510,7 +510,7 @@ def render(results: dict, plots: dict[str, bool]) -> str:
             f"{s['scratch_learning_rate']:g} (tuned for it); {', '.join(s['scratch_methods'])} at "
             f"{', '.join(f'{nz:.0%}' for nz in s['scratch_noise_levels'])} flipped;",
             f"- **over-fitting**: from the SFT policy on 1/{s['overfit_fraction']} of the pairs "
-            f"({16 * s['max_steps'] // s['overfit_fraction']}) for {s['overfit_epochs']} epochs (as many steps as a "
+            f"({overfit_pairs(s)}) for {s['overfit_epochs']} epochs (as many steps as a "
             f"main run), accuracy on every training pair and on {s['curve_eval_pairs']} held-out test_id pairs after "
             "each epoch; "
             f"{', '.join(s['overfit_methods'])} at {', '.join(f'{nz:.0%}' for nz in s['overfit_noise_levels'])} "
