@@ -17,6 +17,13 @@ def repo_root(monkeypatch):
     return ROOT
 
 
+def snapshot(root):
+    """Every path under `root` with its bytes (None for a directory): equal snapshots before and after a
+    case mean it left an earlier run's files byte-identical."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
 def tiny_rm_argv(output_dir, *extra):
     """A few steps of `make rm` on a small slice of the embedded world, from scratch (the preset's
     tokenizer is built beside `output_dir`; the lineage's models are not needed)."""

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from aplot.errors import UserError
+from tests.conftest import snapshot
 
 # A few steps on a slice of the embedded world: the cases must fail long before these matter.
 RM_BASE = {**yaml.safe_load(Path("recipes/rm/embedded.yaml").read_text()),
@@ -52,10 +53,6 @@ def earlier_run(out):
     (out / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     (out / "metrics.json").write_text('{"from": "an earlier run"}\n')
     return snapshot(out)
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
 def fails_with(main, argv, expected, out):
