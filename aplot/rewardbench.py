@@ -50,9 +50,9 @@ def v1_scores(subsets, chosen, rejected) -> dict | None:
     (utils.py, calculate_scores_per_section), not by the rows present, so a partial copy of the data gets the
     weights of the full split (`partial` says when the subsets or their rows differ from the filtered split).
     The score is the mean of the four sections, or None while a section has no subset: a missing section is
-    named, never counted as 0. `official_score` is what the official code gives all the same (a missing
-    section as 0). Prior Sets are the mean of those present, off the score; `score_with_prior_sets` is the
-    analysis script's average, sections weighing 2 and Prior Sets 1.
+    named, never counted as 0. `official_score` is the mean of the sections calculate_scores_per_section
+    returns all the same (a missing section as 0). Prior Sets are the mean of those present, off the score;
+    `score_with_prior_sets` is the analysis script's average, sections weighing 2 and Prior Sets 1.
     """
     counts = defaultdict(lambda: [0, 0])  # subset -> [pairs, correct]
     nan_pairs = 0
