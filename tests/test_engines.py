@@ -126,6 +126,7 @@ def test_verl_reads_the_directory_as_its_reward_model_worker(trained):
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
 
     _, ids = scored_here(out, prompts, responses)
+    assert len(set(map(len, ids))) > 1  # padded rows: the last valid token is not the last column
     width = max(map(len, ids))  # right padding, as verl pads the rendered sequences (postprocess_data)
     input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids])
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
