@@ -118,10 +118,10 @@ def best_of_n(cfg: BonConfig, state) -> dict:
     out = Path(cfg.output_dir)
     # The caches are resumed in out itself (rows are only ever added to them); the results are written
     # aside and swapped in at the end.
+    prompts = load_prompts(cfg)
     inputs = {"policy_name_or_path": cfg.policy_name_or_path, "reward_models": cfg.reward_models, "gold": cfg.gold}
     plan = RunPlan(out, resume=False, settings=None, results=RESULTS, stage="bon", inputs=inputs,
                    overwrite=cfg.overwrite_output_dir)
-    prompts = load_prompts(cfg)
     if state.is_main_process:
         plan.prepare()
 
