@@ -160,7 +160,9 @@ def _agree(error: str | None) -> str | None:
 def _is_main() -> bool:
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0  # launched, no process group yet: the launcher's rank
 
 
 @contextlib.contextmanager
