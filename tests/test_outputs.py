@@ -116,6 +116,19 @@ def test_two_rm_runs_at_once_the_second_fails_naming_the_first_and_a_killed_runs
     assert (out / "model.safetensors").exists() and not (out / outputs.LOCK).exists()
 
 
+@pytest.mark.slow
+def test_under_torchrun_every_rank_fails_alike_when_the_directory_is_held(tmp_path):
+    out = tmp_path / "rm"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    with held(out) as holder:
+        done = subprocess.run([*torchrun, "-m", "pipelines.rm", *tiny_rm_argv(out)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], done.stderr[-3000:]
+    assert errors[0].startswith(f"error: {out}: another run is writing there (pid {holder.pid}: ")
+    assert not (out / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("stage", ["rm", "eval", "bon", "ppo"])
 def test_every_stage_refuses_a_directory_another_process_holds(tmp_path, capsys, stage):
     import importlib
