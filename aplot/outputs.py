@@ -425,7 +425,7 @@ class RunPlan:
                 write_json(self.work / RUN_SETTINGS, self.settings)
         if self.checkpoint is not None:
             print(f"resuming from {self.checkpoint}")
-        elif self.maker == self.stage and _entries(self.out):
+        elif self.settings is not None and self.maker == self.stage and _entries(self.out):
             print(f"starting over in {self.work}: the earlier run in {self.out} is replaced only once this one "
                   "has finished")
         return self.work
