@@ -21,10 +21,10 @@ def main(argv=None) -> dict:
     init_distributed()  # before the recipe builds TrainingArguments: one process group for every rank
     data_cfg, args, model_cfg = parse_rm_recipe(argv)
     with lock(args.output_dir):  # one run per output directory, held until its results are published
-        return train(data_cfg, args, model_cfg)
+        return run(data_cfg, args, model_cfg)
 
 
-def train(data_cfg, args, model_cfg) -> dict:
+def run(data_cfg, args, model_cfg) -> dict:
     from transformers import set_seed
     from trl import get_peft_config
 
