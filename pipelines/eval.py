@@ -67,11 +67,11 @@ def evaluate(data_cfg, cfg) -> dict:
         check_reward_model(path)
         if cfg.normalize_rewards:
             check_reward_stats(path)
+    eval_sets = load_eval_sets(data_cfg)
+    require_rows(eval_sets)
     out = Path(cfg.output_dir)
     plan = RunPlan(out, resume=False, settings=None, results=RESULTS, stage="eval",
                    inputs={"reward_models": cfg.reward_models}, overwrite=cfg.overwrite_output_dir)
-    eval_sets = load_eval_sets(data_cfg)
-    require_rows(eval_sets)
 
     scorers = {}
     for path in cfg.reward_models:

@@ -48,14 +48,6 @@ def run(args) -> dict:
     from aplot.reward_model import RewardScorer, check_path, load_reward_model, load_tokenizer
 
     out = Path(args.output_dir)
-    # Resume: the newest complete checkpoint holds the policy, the value model, the optimizer and
-    # scheduler state and the gold history; one made with other settings is refused before any work,
-    # and so is an output_dir that is not this stage's or is or holds an input model.
-    plan = RunPlan(out, args.resume, run_settings(args), results=RESULTS, marker=GOLD_HISTORY, stage="ppo",
-                   overwrite=args.overwrite_output_dir,
-                   inputs={key: getattr(args, key) for key in ("sft_model_path", "reward_model_path",
-                                                                "value_model_path", "gold")})
-    work = plan.work  # the run writes everything here (checkpoints too); publish() swaps it into out
     for path, what in ((args.reward_model_path, "reward model"), (args.gold, "gold reward model"),
                        (args.value_model_path, "value model")):
         if path not in (None, "embedded"):
@@ -64,6 +56,14 @@ def run(args) -> dict:
                            args.prompt_config, args.prompt_columns, args.world_seed)
     eval_prompts = load_prompts(args.prompt_dataset, args.eval_prompt_split, args.n_eval_prompts, args.prompt_format,
                                 args.prompt_config, args.prompt_columns, args.world_seed)
+    # Resume: the newest complete checkpoint holds the policy, the value model, the optimizer and
+    # scheduler state and the gold history; one made with other settings is refused before any work,
+    # and so is an output_dir that is not this stage's or is or holds an input model.
+    plan = RunPlan(out, args.resume, run_settings(args), results=RESULTS, marker=GOLD_HISTORY, stage="ppo",
+                   overwrite=args.overwrite_output_dir,
+                   inputs={key: getattr(args, key) for key in ("sft_model_path", "reward_model_path",
+                                                                "value_model_path", "gold")})
+    work = plan.work  # the run writes everything here (checkpoints too); publish() swaps it into out
 
     # Every model and tokenizer is loaded, and the pair checked, before the first update.
     policy_path = lineage.policy_path(args.sft_model_path, args.lineage_dir)
