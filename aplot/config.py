@@ -120,7 +120,10 @@ class APLOTConfig(RewardConfig):
         "help": "'global': one plan over the batch of all ranks; 'local': one plan per rank."})
     resume: bool = field(default=True, metadata={
         "help": "Continue from the newest complete checkpoint in output_dir when there is one; false "
-                "starts over and removes the earlier run's checkpoints and results from output_dir."})
+                "starts over (aside: the earlier run in output_dir is replaced once this one has finished)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir that holds files no aplot run made (files of the same names are "
+                "replaced, the others kept); off, such a directory is refused."})
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:

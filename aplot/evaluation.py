@@ -81,6 +81,17 @@ def evaluate_lists(scorer, dataset, desc="eval") -> tuple[dict, dict]:
     return metrics, {"chosen": [x for cs in chosen for x in cs], "rejected": [x for rs in rejected for x in rs]}
 
 
+def require_rows(eval_sets: dict) -> None:
+    """Refuse an eval set with no usable rows before any work (its evaluation would fail only at the end)."""
+    from aplot.errors import UserError
+
+    for name, (dataset, counts) in eval_sets.items():
+        if len(dataset) == 0:
+            dropped = ", ".join(f"{n} {reason}" for reason, n in counts.get("dropped", {}).items())
+            raise UserError(f"eval set {name}: no usable pairs ({counts.get('rows_read', 0)} rows read"
+                            + (f", dropped: {dropped})" if dropped else ")"))
+
+
 def evaluate_reward_models(scorers: dict, eval_sets: dict) -> tuple[dict, dict]:
     """Every scorer on every eval set: ({model: {set: metrics}}, {model: {set: rewards}})."""
     results, rewards = {}, {}

@@ -117,13 +117,15 @@ def ensure(preset: Preset, stage: str, lineage_dir: str = LINEAGE_DIR) -> str:
         if launched_world_size() > 1:
             _build_on_main_process(preset, stage, lineage_dir)
         else:
-            if stage != "tokenizer":
-                ensure(preset, STAGES[STAGES.index(stage) - 1], lineage_dir)
-            print(f"lineage: building {out} (once; every stage reuses it)")
-            BUILDERS[stage](preset, out)
-            from aplot.outputs import write_json
+            from aplot.outputs import lock, write_json
 
-            write_json(out / MARKER, settings)  # last: its presence marks a complete artefact
+            with lock(out.parent):  # one build of a preset's lineage at a time
+                if not (out / MARKER).exists():  # (built meanwhile by the run that held the lock)
+                    if stage != "tokenizer":
+                        ensure(preset, STAGES[STAGES.index(stage) - 1], lineage_dir)
+                    print(f"lineage: building {out} (once; every stage reuses it)")
+                    BUILDERS[stage](preset, out)
+                    write_json(out / MARKER, settings)  # last: its presence marks a complete artefact
     recorded = json.loads((out / MARKER).read_text())
     if recorded != settings:
         changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
@@ -221,25 +223,27 @@ def _train(preset: Preset, stage: str, model, tokenizer, rows: list[dict], setti
         args = SFTConfig(**{**defaults, **settings, **fixed})
     except TypeError as err:
         raise UserError(f"{preset.path / PRESET_FILE}: {stage}: {err}") from None
-    plan = RunPlan(out, True, {"stage": stage, **preset.settings(stage)})
-    plan.prepare()
+    plan = RunPlan(out, True, {"stage": stage, **preset.settings(stage)}, stage="lineage")
+    work = plan.prepare()  # the build works (and checkpoints) here; publish() moves the artefact into out
+    args.output_dir = str(work)
     trainer = SFTTrainer(model, args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     # Samples as the Best-of-N and PPO stages draw them: plain ancestral sampling, stopping at eos.
     model.generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                    bos_token_id=None, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
-    trainer.save_model(str(out / STAGING))
-    publish_model(out / STAGING, out)
+    trainer.save_model(str(work / STAGING))
+    publish_model(work / STAGING, work)
     from aplot.cards import write_model_card
 
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    write_model_card(out, kind="policy", base_model=str(preset.path if stage == "base" else out.parent / "base"),
+    write_model_card(work, kind="policy", base_model=str(preset.path if stage == "base" else out.parent / "base"),
                      recipe={"preset": str(preset.path), "stage": stage, "seed": preset.seed, **settings},
                      data_counts={"documents": {"rows_read": len(rows), "kept": len(rows), "dropped": {}}},
                      metrics={"steps": trainer.state.global_step, "final_train_loss": losses[-1] if losses else None},
                      trainer=f"TRL SFTTrainer ({'language modelling' if stage == 'base' else 'prompt -> completion'})")
-    for path in out.glob("checkpoint-*"):  # the artefact is complete: its checkpoints are not needed
+    for path in work.glob("checkpoint-*"):  # the artefact is complete: its checkpoints are not needed
         shutil.rmtree(path)
+    plan.publish()
 
 
 BUILDERS = {"tokenizer": _build_tokenizer, "base": _build_base, "sft": _build_sft}

@@ -62,6 +62,9 @@ class APLOTPPOConfig(PPOConfig):
         "help": "Clip the reward PPO optimises to [-reward_clip, reward_clip], after normalising (unset: off)."})
     resume: bool = field(default=True, metadata={
         "help": "Continue from the latest checkpoint in output_dir when there is one."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir that holds files no aplot run made (files of the same names are "
+                "replaced, the others kept); off, such a directory is refused."})
 
     def __post_init__(self):
         from aplot.config import check_range

@@ -55,6 +55,9 @@ class BonConfig:
     normalize_rewards: bool = field(default=False, metadata={
         "help": "Proxy scores as (r - mean) / std, with the reward stats `make rm` wrote into each config.json."})
     output_dir: str = field(default="outputs/bon/embedded", metadata={"help": "Where results go."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir that holds files no aplot run made (files of the same names are "
+                "replaced, the others kept); off, such a directory is refused."})
 
     def __post_init__(self):
         from aplot.config import check_range
@@ -84,31 +87,43 @@ def load_prompts(cfg: BonConfig) -> list:
 
 
 def main(argv=None) -> dict:
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from aplot import bon
     from aplot.config import RecipeParser
-    from aplot.distributed import init_distributed, map_sharded
-    from aplot.evaluation import write_atomic, write_json
-    from aplot.lineage import policy_path
-    from aplot.outputs import check_output_dir, discard_partial
-    from aplot.reward_model import RewardScorer, check_reward_model, check_reward_stats, load_reward_model
+    from aplot.distributed import init_distributed
+    from aplot.outputs import lock
 
     # Under a launcher (make bon NPROC=N) rank 0 trains the policy and samples, every rank scores its
     # share of the samples, and rank 0 writes the caches and the results.
     state = init_distributed()
     (cfg,) = RecipeParser((BonConfig,)).parse_recipe(argv)
+    with lock(cfg.output_dir):  # one run per output directory
+        return best_of_n(cfg, state)
+
+
+def best_of_n(cfg: BonConfig, state) -> dict:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from aplot import bon
+    from aplot.distributed import map_sharded
+    from aplot.evaluation import write_atomic, write_json
+    from aplot.lineage import policy_path
+    from aplot.outputs import RunPlan
+    from aplot.reward_model import RewardScorer, check_reward_model, check_reward_stats, load_reward_model
+
     # The scorers are loaded only after sampling: check now what would make them fail then.
     for path in cfg.reward_models + ([cfg.gold] if cfg.gold != "embedded" else []):
         check_reward_model(path)
     for path in cfg.reward_models if cfg.normalize_rewards else []:
         check_reward_stats(path)
     out = Path(cfg.output_dir)
-    check_output_dir(out)
+    # The caches are resumed in out itself (rows are only ever added to them); the results are written
+    # aside and swapped in at the end.
     prompts = load_prompts(cfg)
+    inputs = {"policy_name_or_path": cfg.policy_name_or_path, "reward_models": cfg.reward_models, "gold": cfg.gold}
+    plan = RunPlan(out, resume=False, settings=None, results=RESULTS, stage="bon", inputs=inputs,
+                   overwrite=cfg.overwrite_output_dir)
     if state.is_main_process:
-        discard_partial(out)
+        plan.prepare()
 
     with state.main_process_first():  # the other ranks then find the policy and the samples cached
         policy = policy_path(cfg.policy_name_or_path, cfg.lineage_dir)
@@ -189,9 +204,10 @@ def main(argv=None) -> dict:
                    "gold_normalized": g - g1, "proxy_normalized": p - p1} for n, (g, p) in estimate.items()]
     oracle = bon.best_of_n(gold, gold, ns)  # the ceiling: picking by the gold reward itself
 
-    write_json(out / "bon_table.json", table)
-    write_atomic(out / "bon_table.csv", lambda tmp: Path(tmp).write_text(to_csv(table)))
-    bon.plot_gold_vs_kl(table, out / "bon.png")
+    work = plan.work
+    write_json(work / "bon_table.json", table)
+    write_atomic(work / "bon_table.csv", lambda tmp: Path(tmp).write_text(to_csv(table)))
+    bon.plot_gold_vs_kl(table, work / "bon.png")
     report_ns = [n for n in (1, 4, 16, 64, 256, 1024) if n <= cfg.n_samples]
     metrics = {"n_prompts": len(prompts), "n_samples": cfg.n_samples, "backend": cfg.backend, "policy": str(policy),
                "processes": state.num_processes,
@@ -199,13 +215,18 @@ def main(argv=None) -> dict:
     for r in table:
         if r["n"] in report_ns:
             metrics["gold_at_n"][r["proxy"]][r["n"]] = r["gold"]
-    write_json(out / "metrics.json", metrics)
+    write_json(work / "metrics.json", metrics)
+    plan.publish(keep=CACHES)
     print(f"{'proxy':<20}" + "".join(f"{'gold@' + str(n):>10}" for n in report_ns))
     for name, by_n in metrics["gold_at_n"].items():
         print(f"{name:<20}" + "".join(f"{by_n[n]:>10.3f}" for n in report_ns))
     print(f"{'(gold itself)':<20}" + "".join(f"{metrics['oracle_gold_at_n'][n]:>10.3f}" for n in report_ns))
     print(f"wrote {out}/ (bon_table.csv, bon_table.json, bon.png, metrics.json)")
     return metrics
+
+
+RESULTS = ("bon_table.json", "bon_table.csv", "bon.png", "metrics.json")
+CACHES = ("samples.jsonl", "samples.settings.json", "scores.jsonl", "scores.settings.json")
 
 
 def policy_inputs(policy, prompts, trust_remote_code=False) -> list[str]:

@@ -20,6 +20,9 @@ class EvalConfig:
     reward_models: list[str] = field(default_factory=list, metadata={
         "help": "Reward-model directories (outputs of `make rm`) or hub ids."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where metrics and plots go."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an output_dir that holds files no aplot run made (files of the same names are "
+                "replaced, the others kept); off, such a directory is refused."})
     batch_size: int = field(default=64, metadata={"help": "Sequences per scoring batch."})
     max_length: int | None = field(default=None, metadata={"help": "Keep the last N tokens of longer texts."})
     dtype: str | None = field(default=None, metadata={"help": "Load the models in this dtype (bfloat16, ...)."})
@@ -37,22 +40,38 @@ class EvalConfig:
 
 def main(argv=None) -> dict:
     from aplot.config import DataConfig, RecipeParser
-    from aplot.data import load_eval_sets
-    from aplot.evaluation import evaluate_reward_models, format_table, plot_reward_distributions, write_json
-    from aplot.outputs import check_output_dir, discard_partial
-    from aplot.reward_model import RewardScorer, check_reward_model, check_reward_stats, load_reward_model
+    from aplot.outputs import lock
 
     data_cfg, cfg = RecipeParser((DataConfig, EvalConfig)).parse_recipe(argv)
+    with lock(cfg.output_dir):  # one run per output directory
+        return evaluate(data_cfg, cfg)
+
+
+def evaluate(data_cfg, cfg) -> dict:
+    from aplot.data import load_eval_sets
+    from aplot.evaluation import (
+        evaluate_reward_models,
+        format_table,
+        plot_reward_distributions,
+        require_rows,
+        write_json,
+    )
+    from aplot.outputs import RunPlan
+    from aplot.reward_model import RewardScorer, check_reward_model, check_reward_stats, load_reward_model
+
     if not cfg.reward_models:
         raise UserError("reward_models is empty: name at least one reward-model directory")
-    # Every input is checked before the first model is scored; the output directory too.
+    # Every input is checked before the first model is scored; the output directory too: it is this
+    # stage's own (never a reward model's, whose metrics.json it would overwrite).
     for path in cfg.reward_models:
         check_reward_model(path)
         if cfg.normalize_rewards:
             check_reward_stats(path)
-    out = Path(cfg.output_dir)
-    check_output_dir(out)
     eval_sets = load_eval_sets(data_cfg)
+    require_rows(eval_sets)
+    out = Path(cfg.output_dir)
+    plan = RunPlan(out, resume=False, settings=None, results=RESULTS, stage="eval",
+                   inputs={"reward_models": cfg.reward_models}, overwrite=cfg.overwrite_output_dir)
 
     scorers = {}
     for path in cfg.reward_models:
@@ -64,14 +83,18 @@ def main(argv=None) -> dict:
                                                         chat=True if data_cfg.as_chat else None)
     results, rewards = evaluate_reward_models(scorers, eval_sets)
 
-    discard_partial(out)
+    work = plan.prepare()  # written aside, then swapped in: out never holds half of two evaluations
     metrics = {"models": results, "reward_models": cfg.reward_models, "normalize_rewards": cfg.normalize_rewards,
                "data": {name: counts for name, (_, counts) in eval_sets.items()}}
-    write_json(out / "metrics.json", metrics)
-    plot_reward_distributions(rewards, out / "reward_distributions.png")
+    write_json(work / "metrics.json", metrics)
+    plot_reward_distributions(rewards, work / "reward_distributions.png")
+    plan.publish()
     print(format_table(results))
     print(f"wrote {out}/metrics.json and {out}/reward_distributions.png")
     return metrics
+
+
+RESULTS = ("metrics.json", "reward_distributions.png")
 
 
 if __name__ == "__main__":

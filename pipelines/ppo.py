@@ -18,11 +18,13 @@ from aplot.errors import UserError, run_pipeline
 def main(argv=None) -> dict:
     from aplot.config import RecipeParser
     from aplot.distributed import init_distributed
+    from aplot.outputs import lock
     from aplot.ppo import APLOTPPOConfig
 
     init_distributed()  # before the recipe builds TrainingArguments: one process group for every rank
     (args,) = RecipeParser((APLOTPPOConfig,)).parse_recipe(argv)
-    return run(args)
+    with lock(args.output_dir):  # one run per output directory, held until its results are published
+        return run(args)
 
 
 def run(args) -> dict:
@@ -34,7 +36,7 @@ def run(args) -> dict:
     from aplot import lineage
     from aplot.data import load_prompts
     from aplot.evaluation import write_json
-    from aplot.outputs import STAGING, RunPlan, check_output_dir, publish_model
+    from aplot.outputs import STAGING, RunPlan, publish_model
     from aplot.ppo import (
         GoldEvaluation,
         RetokenizedReward,
@@ -46,10 +48,6 @@ def run(args) -> dict:
     from aplot.reward_model import RewardScorer, check_path, load_reward_model, load_tokenizer
 
     out = Path(args.output_dir)
-    check_output_dir(out)
-    # Resume: the newest complete checkpoint holds the policy, the value model, the optimizer and
-    # scheduler state and the gold history; one made with other settings is refused before any work.
-    plan = RunPlan(out, args.resume, run_settings(args), results=RESULTS, marker=GOLD_HISTORY)
     for path, what in ((args.reward_model_path, "reward model"), (args.gold, "gold reward model"),
                        (args.value_model_path, "value model")):
         if path not in (None, "embedded"):
@@ -58,6 +56,14 @@ def run(args) -> dict:
                            args.prompt_config, args.prompt_columns, args.world_seed)
     eval_prompts = load_prompts(args.prompt_dataset, args.eval_prompt_split, args.n_eval_prompts, args.prompt_format,
                                 args.prompt_config, args.prompt_columns, args.world_seed)
+    # Resume: the newest complete checkpoint holds the policy, the value model, the optimizer and
+    # scheduler state and the gold history; one made with other settings is refused before any work,
+    # and so is an output_dir that is not this stage's or is or holds an input model.
+    plan = RunPlan(out, args.resume, run_settings(args), results=RESULTS, marker=GOLD_HISTORY, stage="ppo",
+                   overwrite=args.overwrite_output_dir,
+                   inputs={key: getattr(args, key) for key in ("sft_model_path", "reward_model_path",
+                                                                "value_model_path", "gold")})
+    work = plan.work  # the run writes everything here (checkpoints too); publish() swaps it into out
 
     # Every model and tokenizer is loaded, and the pair checked, before the first update.
     policy_path = lineage.policy_path(args.sft_model_path, args.lineage_dir)
@@ -102,9 +108,6 @@ def run(args) -> dict:
         print(f"{checkpoint} already holds all {total} updates")
     args.total_episodes = (total - done) * batch
 
-    if PartialState().is_main_process:
-        plan.prepare()
-    PartialState().wait_for_everyone()
     set_seed(args.seed)  # before any fresh weights (a value head started from the policy) are made
     load = {"trust_remote_code": args.trust_remote_code}
     if args.dtype not in (None, "auto"):
@@ -117,6 +120,11 @@ def run(args) -> dict:
                   or (policy_path if vocab else args.reward_model_path))
     value_model = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, **load)
     value_model.config.pad_token_id = tokenizer.pad_token_id
+    # Every model is loaded: only now does the run start working (aside, out stays as it is till the end).
+    if PartialState().is_main_process:
+        plan.prepare()
+    PartialState().wait_for_everyone()
+    args.output_dir = str(work)
     scorer_for_ppo = (RetokenizedReward(proxy, tokenizer, prompts, [q for q in query_ids if q is not None])
                       if mismatch else reward_model)
 
@@ -140,7 +148,7 @@ def run(args) -> dict:
     if done < total:
         trainer.train()
     seconds = time.perf_counter() - started
-    trainer.save_model(str(out / STAGING))  # then moved in weights-last: a killed save never looks finished
+    trainer.save_model(str(work / STAGING))  # then moved in weights-last: a killed save never looks finished
 
     history = gold_eval.history
     zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
@@ -151,20 +159,21 @@ def run(args) -> dict:
                "before": history[0], "after": history[-1], "gold_curve": history,
                "ppo_log": trainer.state.log_history}
     if trainer.accelerator.is_main_process:
-        publish_model(out / STAGING, out)
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "gold_curve.json", history)
-        plot_gold_vs_kl_curve({out.name: history}, out / "gold_vs_kl.png")
+        publish_model(work / STAGING, work)
+        write_json(work / "metrics.json", metrics)
+        write_json(work / "gold_curve.json", history)
+        plot_gold_vs_kl_curve({out.name: history}, work / "gold_vs_kl.png")
         from aplot.cards import write_model_card
 
         dropped = {"too long": counts["too_long"]} if counts["too_long"] else {}
         prompt_counts = {"rows_read": counts["prompts"], "kept": counts["prompts"] - counts["too_long"],
                          "dropped": dropped}
-        write_model_card(out, kind="policy", base_model=str(policy_path), recipe=run_settings(args),
+        write_model_card(work, kind="policy", base_model=str(policy_path), recipe=run_settings(args),
                          data_counts={"prompts": prompt_counts},
                          metrics={k: metrics[k] for k in ("reward_model", "gold", "updates", "train_seconds",
                                                           "before", "after")},
                          trainer="TRL's PPOTrainer")
+        plan.publish()
         b, a = history[0], history[-1]
         print(f"{'':<8}{'gold':>8}{'proxy':>8}{'KL':>8}\n{'before':<8}{b['gold']:>8.3f}{b['proxy']:>8.3f}"
               f"{b['kl']:>8.3f}\n{'after':<8}{a['gold']:>8.3f}{a['proxy']:>8.3f}{a['kl']:>8.3f}")

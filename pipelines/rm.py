@@ -14,19 +14,31 @@ from aplot.errors import UserError, run_pipeline
 
 
 def main(argv=None) -> dict:
+    from aplot.config import parse_rm_recipe
+    from aplot.distributed import init_distributed
+    from aplot.outputs import lock
+
+    init_distributed()  # before the recipe builds TrainingArguments: one process group for every rank
+    data_cfg, args, model_cfg = parse_rm_recipe(argv)
+    with lock(args.output_dir):  # one run per output directory, held until its results are published
+        return run(data_cfg, args, model_cfg)
+
+
+def run(data_cfg, args, model_cfg) -> dict:
     from transformers import set_seed
     from trl import get_peft_config
 
     from aplot import lineage
-    from aplot.config import parse_rm_recipe, run_settings
+    from aplot.config import run_settings
     from aplot.data import load_eval_sets, load_train
     from aplot.data.formats import as_pairs
-    from aplot.distributed import init_distributed, zero3_init_disabled
+    from aplot.distributed import zero3_init_disabled
     from aplot.evaluation import (
         evaluate_reward_models,
         format_table,
         plot_reward_distributions,
         plot_training_curve,
+        require_rows,
         write_json,
     )
     from aplot.outputs import STAGING, RunPlan, publish_model
@@ -41,21 +53,17 @@ def main(argv=None) -> dict:
     )
     from aplot.trainer import APLOTRewardTrainer
 
-    init_distributed()  # before the recipe builds TrainingArguments: one process group for every rank
-    data_cfg, args, model_cfg = parse_rm_recipe(argv)
     if not model_cfg.model_name_or_path:
         raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
     check_path(model_cfg.model_name_or_path, "model")
     out = Path(args.output_dir)
     check_writable(out)
-    # Read-only: resuming a checkpoint of other settings is refused here, before any work.
-    plan = RunPlan(out, args.resume, run_settings(data_cfg, args, model_cfg), args.resume_from_checkpoint,
-                   results=RESULTS)
 
     # Everything that can fail on bad input happens before training starts (the data first: building a
     # preset's lineage below takes a while the first time).
     train, train_counts = load_train(data_cfg)
     eval_sets = load_eval_sets(data_cfg)
+    require_rows(eval_sets)  # an empty one would fail only in the evaluation after training
     if len(train) == 0:
         raise UserError(f"{data_cfg.dataset_name}: no usable training pairs ({train_counts})")
     if args.loss_type == "margin" and args.margin_value is None and "margin" not in train.column_names:
@@ -64,6 +72,14 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or lineage.tokenizer_path(init_path,
                                                                                          model_cfg.lineage_dir),
                                args.trust_remote_code)
+    # Read-only: an output_dir that is not this stage's, or is or holds an input model, and resuming a
+    # checkpoint of other settings are refused here, before any work.
+    plan = RunPlan(out, args.resume, run_settings(data_cfg, args, model_cfg), args.resume_from_checkpoint,
+                   results=RESULTS, stage="rm", overwrite=args.overwrite_output_dir,
+                   inputs={"model_name_or_path": [model_cfg.model_name_or_path, init_path],
+                           "tokenizer_name_or_path": data_cfg.tokenizer_name_or_path})
+    work = plan.work  # the run writes everything here (checkpoints too); publish() swaps it into out
+    args.output_dir = str(work)
 
     def for_trainer(pairs):
         # TRL adds a `margin` column to every loss; keep it only for loss_type=margin.
@@ -92,8 +108,8 @@ def main(argv=None) -> dict:
     trainer = APLOTRewardTrainer(model, args, train_dataset=train, eval_dataset=curve_set,
                                  processing_class=tokenizer, peft_config=get_peft_config(model_cfg))
 
-    # Only now, with every input checked, does the output directory change: partial leftovers of a
-    # killed run go, and so does an earlier run when this one starts over.
+    # Only now, with every input checked, does the run start working (aside: an earlier run in out stays
+    # as it is until this one has finished).
     if trainer.accelerator.is_main_process:
         plan.prepare()
     trainer.accelerator.wait_for_everyone()
@@ -101,10 +117,10 @@ def main(argv=None) -> dict:
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     train_seconds = time.perf_counter() - start
     # Saved aside, then moved in weights-last: a kill mid-save never leaves weights without their tokenizer.
-    trainer.save_model(str(out / STAGING))
+    trainer.save_model(str(work / STAGING))
     trainer.accelerator.wait_for_everyone()  # DeepSpeed may have every rank write its shard there
     if trainer.accelerator.is_main_process:
-        publish_model(out / STAGING, out)
+        publish_model(work / STAGING, work)
 
     zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
     metrics = {"loss_type": args.loss_type, "train_seconds": round(train_seconds, 2),
@@ -122,24 +138,25 @@ def main(argv=None) -> dict:
         model = trainer.accelerator.unwrap_model(trainer.model).eval()
         if zero_stage == 3:
             with zero3_init_disabled():
-                model = load_reward_model(str(out), device=str(trainer.args.device))[0]
+                model = load_reward_model(str(work), device=str(trainer.args.device))[0]
             saved = RewardScorer(model, tokenizer, batch_size=16).score_ids(probe)
             metrics["zero3_saved_vs_live_max_abs_diff"] = (saved - live).abs().max().item()
         scorer = RewardScorer(model, tokenizer, batch_size=args.per_device_eval_batch_size, max_length=args.max_length)
         results, rewards = evaluate_reward_models({out.name: scorer}, eval_sets)
         metrics["eval"] = results[out.name]
-        metrics["reward_stats"] = record_reward_stats(out, rewards[out.name], results[out.name], model)
-        write_json(out / "metrics.json", metrics)
+        metrics["reward_stats"] = record_reward_stats(work, rewards[out.name], results[out.name], model)
+        write_json(work / "metrics.json", metrics)
         from aplot.cards import write_model_card
 
-        write_model_card(out, kind="reward_model", base_model=model_cfg.model_name_or_path,
+        write_model_card(work, kind="reward_model", base_model=model_cfg.model_name_or_path,
                          recipe=run_settings(data_cfg, args, model_cfg), data_counts=metrics["data"],
                          metrics={k: metrics[k] for k in ("train_seconds", "train_steps", "reward_stats", "eval")})
-        write_json(out / "log_history.json", trainer.state.log_history)
-        plot_training_curve(trainer.state.log_history, out / "training_curve.png",
+        write_json(work / "log_history.json", trainer.state.log_history)
+        plot_training_curve(trainer.state.log_history, work / "training_curve.png",
                             title=f"{args.loss_type} reward model: {out.name}")
         if rewards[out.name]:
-            plot_reward_distributions(rewards, out / "reward_distributions.png")
+            plot_reward_distributions(rewards, work / "reward_distributions.png")
+        plan.publish()
         print(format_table(results))
         print(f"trained {metrics['train_steps']} steps in {train_seconds:.0f} s; wrote {out}/ "
               "(model.safetensors, metrics.json, training_curve.png, reward_distributions.png)")

@@ -109,10 +109,10 @@ def test_ppo_reward_clip_is_checked_and_a_changed_clip_refuses_to_resume(tmp_pat
     (checkpoint / "model.safetensors").write_bytes(b"")
     (checkpoint / GOLD_HISTORY).write_text("[]")
     (out / "run_settings.json").write_text(json.dumps(run_settings(args), default=str))
-    assert RunPlan(out, True, run_settings(args), marker=GOLD_HISTORY).checkpoint == checkpoint
+    assert RunPlan(out, True, run_settings(args), marker=GOLD_HISTORY, stage="ppo").checkpoint == checkpoint
     args.reward_clip, args.normalize_rewards = 5.0, True
     with pytest.raises(UserError) as err:
-        RunPlan(out, True, run_settings(args), marker=GOLD_HISTORY)
+        RunPlan(out, True, run_settings(args), marker=GOLD_HISTORY, stage="ppo")
     assert "(normalize_rewards, reward_clip)" in str(err.value)
 
 

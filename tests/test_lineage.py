@@ -83,7 +83,7 @@ def test_a_killed_build_resumes_from_its_newest_checkpoint(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list(base.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+    while not list(base.glob(".aplot-run/checkpoint-*/trainer_state.json")) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -56,16 +56,17 @@ def train_losses(out):
 @pytest.mark.slow
 def test_killed_rm_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
+    work = killed / outputs.WORK  # where a run works until it publishes, its checkpoints too
     run_rm(whole)
 
     kill_when([sys.executable, "-m", "pipelines.rm", *rm_argv(killed)],
-              lambda: outputs.is_complete_checkpoint(killed / "checkpoint-20"))
-    complete, _ = outputs.checkpoints(killed)
+              lambda: outputs.is_complete_checkpoint(work / "checkpoint-20"))
+    complete, _ = outputs.checkpoints(work)
     assert complete and not (killed / "metrics.json").exists() and not (killed / "model.safetensors").exists()
     last = complete[-1]
     last_step = outputs.checkpoint_step(last)
     # What a kill at another moment leaves: a checkpoint half saved, a file half written.
-    partial = killed / f"checkpoint-{last_step + 20}"
+    partial = work / f"checkpoint-{last_step + 20}"
     if partial.exists():
         shutil.rmtree(partial)
     shutil.copytree(last, partial)
@@ -79,7 +80,7 @@ def test_killed_rm_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(
     printed = [line for line in log.splitlines() if line.startswith("{'loss'")]
     assert len(printed) == (60 - last_step) // 5
     assert f"discarding {partial.name}: incomplete" in log and ".metrics.json.abc123.tmp" in log
-    assert not list(killed.glob(".*.tmp"))
+    assert not list(killed.glob(".*.tmp")) and not work.exists()  # published: the run's files are in killed/
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["train_steps"] == 60
     # The run's log holds each step once: the checkpoint's steps, then the new ones.
@@ -120,24 +121,35 @@ def snapshot(root):
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
-def test_start_over_removes_the_earlier_run_and_resume_picks_the_newest_complete_checkpoint(tmp_path, capsys):
+def test_start_over_replaces_the_earlier_run_at_the_publish_and_resume_picks_the_newest_checkpoint(tmp_path, capsys):
     out = tmp_path / "out"
     for step, complete in ((10, True), (20, True), (30, False)):
         fake_checkpoint(out / f"checkpoint-{step}", complete)
+    (out / "run_settings.json").write_text('{"a": 1}')  # an earlier run's, from before the .aplot.json marker
     (out / "metrics.json").write_text("{}")
     (out / "model.safetensors").write_bytes(b"old")
     (out / "notes.txt").write_text("the user's own file")
     (out / ".log_history.json.x.tmp").write_text("[")
 
     plan = outputs.RunPlan(out, resume=True, settings={"a": 1})
-    assert plan.checkpoint == out / "checkpoint-20" and plan.incomplete == [out / "checkpoint-30"]
+    assert plan.checkpoint == out / "checkpoint-20"
 
-    fresh = outputs.RunPlan(out, resume=False, settings={"a": 1}, results=("metrics.json",))
+    fresh = outputs.RunPlan(out, resume=False, settings={"a": 2}, results=("metrics.json",))
     assert fresh.checkpoint is None
-    assert (out / "metrics.json").exists()  # deciding changes nothing
-    fresh.prepare()
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run_settings.json"]
-    assert "resume is off: starting over" in capsys.readouterr().out
+    before = snapshot(out)
+    work = fresh.prepare()
+    # Starting over works aside: the earlier run stays whole (a half-written leftover aside) until the publish.
+    assert snapshot(out) == {k: v for k, v in before.items() if not k.endswith(".tmp")} | snapshot_of(out, work)
+    assert "starting over in" in capsys.readouterr().out
+    (work / "metrics.json").write_text('{"new": 1}')
+    fresh.publish()
+    assert sorted(p.name for p in out.iterdir()) == [outputs.OWNER, "metrics.json", "notes.txt", "run_settings.json"]
+    assert json.loads((out / "run_settings.json").read_text()) == {"a": 2}
+
+
+def snapshot_of(root, sub):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in [sub, *sorted(sub.rglob("*"))]}
 
 
 def test_a_model_is_published_weights_last(tmp_path, monkeypatch):
