@@ -16,6 +16,8 @@ from aplot.data.formats import as_pairs, to_preference
 from aplot.errors import UserError
 from aplot.rewardbench import V1_SECTIONS, best_of_k, ties_score, v1_scores, v2_scores
 
+pytestmark = pytest.mark.core
+
 V1 = "tests/fixtures/reward_bench_v1.jsonl"
 V2 = "tests/fixtures/reward_bench_2.jsonl"
 
