@@ -27,9 +27,10 @@ def test_core_and_every_test_module_import_neither_ppo_nor_vllm():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_ppo_without_trls_ppo_trainer_fails_in_one_line_naming_the_install(tmp_path):
+def test_ppo_without_trls_ppo_trainer_fails_in_one_line_naming_the_install(tmp_path, monkeypatch):
     """On TRL 1.13 and later (the core install on the newest line) as it is; on the pinned line with its
     PPO module made unimportable, as Python sees a TRL without it."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     hide = "" if importlib.util.find_spec("trl.experimental.ppo") is None else \
         "sys.modules['trl.experimental.ppo'] = None\n"
     code = f"import sys\n{hide}from aplot.errors import run_pipeline\nfrom pipelines.ppo import main\n" \
