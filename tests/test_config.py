@@ -7,6 +7,8 @@ import pytest
 from aplot.config import APLOTConfig, parse_rm_recipe
 from aplot.errors import UserError
 
+pytestmark = pytest.mark.core
+
 
 def write_recipe(tmp_path, text):
     path = tmp_path / "recipe.yaml"

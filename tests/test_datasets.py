@@ -15,6 +15,8 @@ from aplot.evaluation import auc, expected_calibration_error, summarize
 from pipelines import eval as eval_pipeline
 from pipelines import rm
 
+pytestmark = pytest.mark.core
+
 FIXTURES = {  # fixture -> (format, column mapping), as a user's recipe would say it
     "reward_bench": ("explicit", None),
     "hh_rlhf": ("hh", None),

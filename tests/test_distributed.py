@@ -12,6 +12,8 @@ import yaml
 
 from tests.conftest import ROOT, tiny_rm_argv
 
+pytestmark = pytest.mark.core
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 

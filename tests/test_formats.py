@@ -7,6 +7,8 @@ from trl.data_utils import is_conversational
 from aplot.data.formats import FORMATS, to_preference
 from aplot.errors import UserError
 
+pytestmark = pytest.mark.core
+
 FIXTURES = {
     "reward_bench": "explicit",
     "hh_rlhf": "hh",

@@ -17,6 +17,8 @@ from aplot import lineage
 from aplot.errors import UserError
 from tests.conftest import FAST_PRESET, ROOT, make_preset, tiny_rm_argv
 
+pytestmark = pytest.mark.core
+
 
 def test_each_artefact_is_built_once_and_the_same_from_the_same_preset(tmp_path):
     preset = make_preset(tmp_path)

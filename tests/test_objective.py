@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import aplot
 from aplot.objective import cost_matrix, point_margin, preference_loss
 
+pytestmark = pytest.mark.core
+
 
 def reference_margin(rc, rr, hc, hr, gamma, epsilon, n_iters, scale):
     """The method as written in APLOT_METHOD.md, with a plain log-domain Sinkhorn in float64."""

@@ -14,6 +14,8 @@ import pytest
 from aplot import outputs
 from aplot.errors import UserError
 
+pytestmark = pytest.mark.core
+
 # Two shared cores: torch's default threads oversubscribe them and make a step ~30x slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # A resumed run restores the RNG states and skips the batches it had seen, so it repeats the

@@ -7,6 +7,8 @@ from aplot.data import world
 from aplot.errors import UserError
 from aplot.reward_model import RewardScorer, ScoreInputCapture, build_reward_model, load_reward_model, load_tokenizer
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture(scope="module")
 def tiny():

@@ -26,6 +26,8 @@ from aplot.rewardbench import (
     v2_scores,
 )
 
+pytestmark = pytest.mark.core
+
 V1 = "tests/fixtures/reward_bench_v1.jsonl"
 V2 = "tests/fixtures/reward_bench_2.jsonl"
 

@@ -19,6 +19,8 @@ from aplot.trainer import APLOTRewardTrainer, NonFiniteRewardError
 from pipelines import rm
 from tests.conftest import tiny_rm_argv
 
+pytestmark = pytest.mark.core
+
 
 @pytest.mark.parametrize("loss_type", aplot.LOSS_TYPES)
 def test_every_loss_type_trains_saves_and_evaluates(tmp_path, loss_type):

@@ -7,6 +7,8 @@ from transformers import AutoTokenizer
 
 from aplot.data import world
 
+pytestmark = pytest.mark.core
+
 
 def words(text):
     return text.split()
