@@ -295,3 +295,14 @@ def test_vllm_serves_the_imported_checkpoint(imported):
     sampler = VLLMSampler(out)
     (greedy,) = sampler.sample([prompt], [0], 1, {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}, 0)
     assert "Paris" in greedy[0], greedy
+
+
+def test_a_plan_reads_the_imported_directory_and_never_imports(imported, tmp_path):
+    from aplot.plan import resolve_model
+
+    shape, _ = resolve_model("model", SMOL, "score", None)
+    assert shape.name == str(Path(lineage.LINEAGE_DIR) / SMOL)
+    with pytest.raises(UserError, match=rf"^{SMOL}: not imported yet \(make import PRESET={SMOL}\); a plan "
+                                        "downloads and writes nothing$"):
+        resolve_model("model", SMOL, "score", None, lineage_dir=str(tmp_path / "lin"))
+    assert not (tmp_path / "lin").exists()
