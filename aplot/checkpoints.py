@@ -133,21 +133,24 @@ def ensure(path, lineage_dir: str) -> str:
     out = Path(lineage_dir) / src.name
     settings = {"source": json.loads(json.dumps(src.data))}
     if not (out / MARKER).exists():
-        if out.exists():
-            raise UserError(f"{out}: exists but is not an import of {src.preset} (no {MARKER}); remove it or "
-                            "set another lineage_dir")
         from aplot.distributed import launched_world_size
+        from aplot.outputs import lock
 
-        if launched_world_size() > 1:  # one rank imports, the others wait for it
-            from accelerate import PartialState
+        # One import into a lineage directory at a time: two would discard each other's staging directory.
+        with lock(Path(lineage_dir)):
+            if out.exists() and not (out / MARKER).exists():
+                raise UserError(f"{out}: exists but is not an import of {src.preset} (no {MARKER}); remove it "
+                                "or set another lineage_dir")
+            if launched_world_size() > 1:  # one rank imports, the others wait for it
+                from accelerate import PartialState
 
-            with PartialState().main_process_first():
-                if PartialState().is_main_process:
-                    import_checkpoint(src, out, settings)
-            if not (out / MARKER).exists():
-                raise UserError(f"{out}: the main process did not import {src.preset}")
-        else:
-            import_checkpoint(src, out, settings)
+                with PartialState().main_process_first():
+                    if PartialState().is_main_process and not (out / MARKER).exists():
+                        import_checkpoint(src, out, settings)
+                if not (out / MARKER).exists():
+                    raise UserError(f"{out}: the main process did not import {src.preset}")
+            elif not (out / MARKER).exists():  # (imported meanwhile by the run that held the lock)
+                import_checkpoint(src, out, settings)
     recorded = json.loads((out / MARKER).read_text())
     if recorded != settings:
         old, new = recorded.get("source", {}), settings["source"]
