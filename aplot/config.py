@@ -14,6 +14,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from trl import ModelConfig, RewardConfig, TrlParser
 
@@ -92,7 +93,7 @@ class DataConfig:
 
 # Upper bounds on the keys that size work: far above any real run, low enough that a typo (2**40 samples)
 # is refused before work instead of failing to allocate terabytes after hours.
-MAX_PAIRS = 10**8  # pairs, prompts, documents
+MAX_PAIRS = 10**7  # pairs, prompts, responses
 MAX_TOKENS = 1 << 20  # a sequence: the longest context of any current model
 MAX_BATCH = 1 << 16  # sequences in one batch; samples per prompt
 MAX_ITERS = 100_000  # Sinkhorn iterations, PPO epochs
@@ -223,6 +224,25 @@ class APLOTModelConfig(ModelConfig):
                             + did_you_mean(self.init_from, INIT_FROM))
         check_dtype(self.dtype)
         super().__post_init__()
+
+
+def check_model_source(path: str | None, what: str, trust_remote_code: bool = False, init_from: str = "sft") -> None:
+    """Where a stage's model comes from, checked before any work (make plan asks the same): a model
+    preset's own files (its preset.yaml read as strictly as a recipe), or a model directory under the one
+    loading policy (`aplot.reward_model.check_weights`; no weights there is refused unless init_from:
+    scratch asks for fresh ones)."""
+    from aplot import lineage
+    from aplot.reward_model import check_path, check_weights, read_json
+
+    if not path:
+        raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
+    path = lineage.EMBEDDED if what == "policy" and path == "embedded" else path
+    check_path(path, what)
+    if lineage.is_preset(path):
+        lineage.load_preset(path)
+        read_json(Path(path) / "config.json")
+    else:
+        check_weights(path, what, trust_remote_code, fresh=init_from == "scratch")
 
 
 def check_range(key, value, low=None, high=None, low_open=False, hint=""):

@@ -430,17 +430,14 @@ def trainer_steps(pairs: int, per_device: int, accumulation: int, processes: int
 
 
 def plan_rm(plan: Plan, argv: list[str], opts) -> None:
-    from aplot.config import parse_rm_recipe
+    from aplot.config import check_model_source, parse_rm_recipe
     from aplot.outputs import check_output_dir
-    from aplot.reward_model import check_path
 
     with resolving_for_the_gpu_machine():
         data_cfg, args, model_cfg = parse_rm_recipe(argv)
         zero = zero_config(args.hf_deepspeed_config.config if args.deepspeed else None)
     # The checks `make rm` makes before any work, in its order and words.
-    if not model_cfg.model_name_or_path:
-        raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
-    check_path(model_cfg.model_name_or_path, "model")
+    check_model_source(model_cfg.model_name_or_path, "model", args.trust_remote_code, model_cfg.init_from)
     check_output_dir(Path(args.output_dir))
 
     world, pd, ga = plan.processes, args.per_device_train_batch_size, args.gradient_accumulation_steps
@@ -604,15 +601,15 @@ def policy_shape(path: str, lineage_dir: str, dtype: str | None, trust_remote_co
 def plan_bon(plan: Plan, argv: list[str], opts) -> None:
     from aplot.config import RecipeParser
     from aplot.outputs import check_output_dir
+    from aplot.reward_model import model_names
     from pipelines.bon import BonConfig
 
     with resolving_for_the_gpu_machine():
         (cfg,) = RecipeParser((BonConfig,)).parse_recipe(argv)
     scorers = {}
     tokenizers = {}
-    for path in cfg.reward_models:
-        scorers[Path(path).name], tokenizers[Path(path).name] = reward_model_shape(
-            f"proxy {Path(path).name}", path, cfg.dtype, cfg.trust_remote_code)
+    for name, path in model_names(cfg.reward_models, reserved=("gold",)).items():
+        scorers[name], tokenizers[name] = reward_model_shape(f"proxy {name}", path, cfg.dtype, cfg.trust_remote_code)
     if cfg.gold != "embedded":
         scorers["gold"], _ = reward_model_shape("gold", cfg.gold, cfg.dtype, cfg.trust_remote_code)
     check_output_dir(Path(cfg.output_dir))

@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
     from aplot import bon
-    from aplot.config import RecipeParser
+    from aplot.config import RecipeParser, check_model_source
     from aplot.distributed import init_distributed, map_sharded
     from aplot.evaluation import write_atomic, write_json
     from aplot.lineage import policy_path
@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
     # share of the samples, and rank 0 writes the caches and the results.
     state = init_distributed()
     (cfg,) = RecipeParser((BonConfig,)).parse_recipe(argv)
+    check_model_source(cfg.policy_name_or_path, "policy", cfg.trust_remote_code)
     # The scorers are loaded only after sampling: check now what would make them fail then.
     for path in cfg.reward_models + ([cfg.gold] if cfg.gold != "embedded" else []):
         check_reward_model(path, cfg.trust_remote_code)
@@ -248,4 +249,4 @@ def to_csv(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    run_pipeline(main)
+    run_pipeline(main, resume="")

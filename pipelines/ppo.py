@@ -32,6 +32,7 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     from aplot import lineage
+    from aplot.config import check_model_source
     from aplot.data import load_prompts
     from aplot.evaluation import write_json
     from aplot.outputs import STAGING, RunPlan, check_output_dir, publish_model
@@ -50,6 +51,7 @@ def run(args) -> dict:
     # Resume: the newest complete checkpoint holds the policy, the value model, the optimizer and
     # scheduler state and the gold history; one made with other settings is refused before any work.
     plan = RunPlan(out, args.resume, run_settings(args), results=RESULTS, marker=GOLD_HISTORY)
+    check_model_source(args.sft_model_path, "policy", args.trust_remote_code)
     for path in (args.reward_model_path, args.gold):
         if path != "embedded":
             check_reward_model(path, args.trust_remote_code)
@@ -232,4 +234,4 @@ def run_settings(args) -> dict:
 
 
 if __name__ == "__main__":
-    run_pipeline(main)
+    run_pipeline(main, resume="--resume true")

@@ -18,7 +18,7 @@ def main(argv=None) -> dict:
     from trl import get_peft_config
 
     from aplot import lineage
-    from aplot.config import parse_rm_recipe, run_settings
+    from aplot.config import check_model_source, parse_rm_recipe, run_settings
     from aplot.data import load_eval_sets, load_train
     from aplot.data.formats import as_pairs
     from aplot.distributed import init_distributed, zero3_init_disabled
@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
         CHAT_KEY,
         RewardScorer,
         build_reward_model,
-        check_path,
+        check_weights,
         load_reward_model,
         load_tokenizer,
         tokenize_pairs,
@@ -43,14 +43,14 @@ def main(argv=None) -> dict:
 
     init_distributed()  # before the recipe builds TrainingArguments: one process group for every rank
     data_cfg, args, model_cfg = parse_rm_recipe(argv)
-    if not model_cfg.model_name_or_path:
-        raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
-    check_path(model_cfg.model_name_or_path, "model")
+    check_model_source(model_cfg.model_name_or_path, "model", args.trust_remote_code, model_cfg.init_from)
     out = Path(args.output_dir)
     check_writable(out)
     # Read-only: resuming a checkpoint of other settings is refused here, before any work.
     plan = RunPlan(out, args.resume, run_settings(data_cfg, args, model_cfg), args.resume_from_checkpoint,
                    results=RESULTS)
+    if plan.checkpoint is not None:  # resumed weights are held to the same loading policy as any others
+        check_weights(str(plan.checkpoint), "checkpoint", args.trust_remote_code)
 
     # Everything that can fail on bad input happens before training starts (the data first: building a
     # preset's lineage below takes a while the first time).
@@ -180,4 +180,4 @@ def check_writable(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_pipeline(main)
+    run_pipeline(main, resume="--resume true")
