@@ -72,6 +72,10 @@ class DataConfig:
         check_range("curve_train_pairs", self.curve_train_pairs, low=0, high=MAX_PAIRS)
         check_range("hard_fraction", self.hard_fraction, 0.0, 1.0)
         check_range("label_noise", self.label_noise, 0.0, 1.0)
+        check_range("world_seed", self.world_seed, low=0, high=MAX_SEED)
+        for key in ("dataset_name", "dataset_train_split"):
+            if not getattr(self, key):
+                raise UserError(f"{key} is empty")
         if self.max_train_pairs is not None:
             check_range("max_train_pairs", self.max_train_pairs, low=1)
         from aplot.data.formats import FORMATS
@@ -98,6 +102,8 @@ MAX_TOKENS = 1 << 20  # a sequence: the longest context of any current model
 MAX_BATCH = 1 << 16  # sequences in one batch; samples per prompt
 MAX_ITERS = 100_000  # Sinkhorn iterations, PPO epochs
 MAX_STEPS = 10**9  # optimizer steps, episodes
+MAX_WORKERS = 256  # data-loading processes
+MAX_SEED = 2**32 - 1  # what numpy's seeding accepts
 EVAL_SPEC_KEYS = {"name": str, "path": str, "format": str, "config": str, "split": str, "columns": dict}
 # Names metrics.json gives its own entries beside the eval sets' (`data.train`: the training counts).
 RESERVED_EVAL_NAMES = ("train",)
@@ -190,6 +196,8 @@ class APLOTConfig(RewardConfig):
             check_range("num_train_epochs", self.num_train_epochs, low=0, high=MAX_ITERS, low_open=True)
         for key in ("learning_rate", "warmup_steps", "weight_decay"):
             check_range(key, getattr(self, key), low=0)
+        check_range("seed", self.seed, low=0, high=MAX_SEED)
+        check_range("dataloader_num_workers", self.dataloader_num_workers, low=0, high=MAX_WORKERS)
         for key in ("logging_steps", "save_steps", "eval_steps"):
             if getattr(self, key, None) is not None:
                 check_range(key, getattr(self, key), low=0, low_open=True)
@@ -239,8 +247,19 @@ def check_model_source(path: str | None, what: str, trust_remote_code: bool = Fa
     path = lineage.EMBEDDED if what == "policy" and path == "embedded" else path
     check_path(path, what)
     if lineage.is_preset(path):
-        lineage.load_preset(path)
+        preset = lineage.load_preset(path)
         read_json(Path(path) / "config.json")
+        # what sizes the lineage's work: its tokenizer, its training sets and batches
+        for stage, key, high in (("tokenizer", "vocab_size", MAX_TOKENS), ("base", "documents", MAX_PAIRS),
+                                 ("sft", "examples", MAX_PAIRS), ("base", "max_length", MAX_TOKENS),
+                                 ("sft", "max_length", MAX_TOKENS), ("base", "per_device_train_batch_size", MAX_BATCH),
+                                 ("sft", "per_device_train_batch_size", MAX_BATCH),
+                                 ("base", "num_train_epochs", MAX_ITERS), ("sft", "num_train_epochs", MAX_ITERS)):
+            if key in getattr(preset, stage):
+                try:
+                    check_range(key, getattr(preset, stage)[key], low=1, high=high)
+                except UserError as err:
+                    raise UserError(f"{Path(path) / lineage.PRESET_FILE}: {stage}: {err}") from None
     else:
         check_weights(path, what, trust_remote_code, fresh=init_from == "scratch")
 
@@ -278,13 +297,26 @@ class RecipeParser(TrlParser):
 
     def parse_recipe(self, argv=None):
         argv = list(sys.argv[1:] if argv is None else argv)
+        if argv.count("--config") > 1:
+            raise UserError("command line: --config is given twice (one recipe a run)")
         if "--config" in argv and (argv.index("--config") == len(argv) - 1
                                    or argv[argv.index("--config") + 1].startswith("--")):
             raise UserError("command line: --config needs a recipe file after it")
         recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
         self.where = where = f"{recipe}: " if recipe else ""
+        flags = [word.split("=")[0] for word in argv if word.startswith("--")]
+        twice = next((flag for flag in flags if flags.count(flag) > 1), None)
+        if twice:
+            raise UserError(f"command line: {twice} is given twice")
+        config = read_recipe(recipe) if recipe else {}
         if recipe:
-            self.check_types(recipe, read_recipe(recipe))
+            self.check_types(recipe, config)
+        deepspeed = argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv[:-1] else config.get("deepspeed")
+        if isinstance(deepspeed, str) and not deepspeed.lstrip().startswith("{"):
+            # TrainingArguments reads it while the recipe is parsed, and names neither the key nor the fault
+            from aplot.reward_model import read_json
+
+            read_json(Path(deepspeed), f"deepspeed config does not exist: {deepspeed}")
         try:
             *parsed, from_yaml, from_cli = self.parse_args_and_config(
                 argv, return_remaining_strings=True, separate_remaining_strings=True)

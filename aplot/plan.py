@@ -599,13 +599,14 @@ def policy_shape(path: str, lineage_dir: str, dtype: str | None, trust_remote_co
 # --- bon -----------------------------------------------------------------------------------------------
 
 def plan_bon(plan: Plan, argv: list[str], opts) -> None:
-    from aplot.config import RecipeParser
+    from aplot.config import RecipeParser, check_model_source
     from aplot.outputs import check_output_dir
     from aplot.reward_model import model_names
     from pipelines.bon import BonConfig
 
     with resolving_for_the_gpu_machine():
         (cfg,) = RecipeParser((BonConfig,)).parse_recipe(argv)
+    check_model_source(cfg.policy_name_or_path, "policy", cfg.trust_remote_code)  # as make bon checks it
     scorers = {}
     tokenizers = {}
     for name, path in model_names(cfg.reward_models, reserved=("gold",)).items():
@@ -688,7 +689,7 @@ def plan_bon(plan: Plan, argv: list[str], opts) -> None:
 # --- ppo -----------------------------------------------------------------------------------------------
 
 def plan_ppo(plan: Plan, argv: list[str], opts) -> None:
-    from aplot.config import RecipeParser
+    from aplot.config import RecipeParser, check_model_source
     from aplot.outputs import check_output_dir
     from aplot.ppo import APLOTPPOConfig
 
@@ -698,6 +699,7 @@ def plan_ppo(plan: Plan, argv: list[str], opts) -> None:
         deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if os.environ.get(
             "ACCELERATE_USE_DEEPSPEED") == "true" else None
     check_output_dir(Path(args.output_dir))
+    check_model_source(args.sft_model_path, "policy", args.trust_remote_code)  # as make ppo checks it
     zero = zero_config(deepspeed)
     stage3 = int((zero or {}).get("stage", 0)) == 3
 

@@ -64,7 +64,16 @@ class APLOTPPOConfig(PPOConfig):
         "help": "Continue from the latest checkpoint in output_dir when there is one."})
 
     def __post_init__(self):
-        from aplot.config import MAX_BATCH, MAX_ITERS, MAX_PAIRS, MAX_STEPS, MAX_TOKENS, check_dtype, check_range
+        from aplot.config import (
+            MAX_BATCH,
+            MAX_ITERS,
+            MAX_PAIRS,
+            MAX_SEED,
+            MAX_STEPS,
+            MAX_TOKENS,
+            check_dtype,
+            check_range,
+        )
 
         for key, high in (("n_prompts", MAX_PAIRS), ("n_eval_prompts", MAX_PAIRS),
                           ("eval_samples_per_prompt", MAX_BATCH), ("score_batch_size", MAX_BATCH),
@@ -79,6 +88,8 @@ class APLOTPPOConfig(PPOConfig):
                 check_range(key, getattr(self, key), low=1, high=high)
         check_range("num_train_epochs", self.num_train_epochs, low=0, high=MAX_ITERS, low_open=True)
         check_dtype(self.dtype)
+        for key in ("seed", "world_seed"):
+            check_range(key, getattr(self, key), low=0, high=MAX_SEED)
         check_range("gold_eval_steps", self.gold_eval_steps, low=0)
         check_range("kl_coef", self.kl_coef, low=0.0)
         check_range("temperature", self.temperature, low=0.0, low_open=True)

@@ -57,7 +57,7 @@ class BonConfig:
     output_dir: str = field(default="outputs/bon/embedded", metadata={"help": "Where results go."})
 
     def __post_init__(self):
-        from aplot.config import MAX_BATCH, MAX_PAIRS, MAX_TOKENS, check_dtype, check_range
+        from aplot.config import MAX_BATCH, MAX_PAIRS, MAX_SEED, MAX_TOKENS, check_dtype, check_range
         from aplot.reward_model import model_names
 
         for key, high in (("n_prompts", MAX_PAIRS), ("n_samples", MAX_BATCH), ("chunk_prompts", MAX_PAIRS),
@@ -71,6 +71,8 @@ class BonConfig:
             raise UserError(f"n_prompts x n_samples is {self.n_prompts * self.n_samples:,} responses, more than "
                             f"{MAX_PAIRS:,}: sample fewer")
         check_dtype(self.dtype)
+        for key in ("seed", "world_seed"):
+            check_range(key, getattr(self, key), low=0, high=MAX_SEED)
         if self.n_samples & (self.n_samples - 1):
             raise UserError(f"n_samples must be a power of two (the table reports n = 1, 2, 4, ...), "
                             f"got {self.n_samples}")

@@ -37,19 +37,11 @@ def line_of(text, key) -> int:
     return next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith(f"{key}:"))
 
 
-CUSTOM_CONFIG = '''from transformers import Qwen2Config
-
-
-class TinyConfig(Qwen2Config):
-    model_type = "aplot-tiny"
-'''
 CUSTOM_MODEL = '''from transformers import Qwen2ForSequenceClassification
-
-from .configuration_tiny import TinyConfig
 
 
 class TinyForSequenceClassification(Qwen2ForSequenceClassification):
-    config_class = TinyConfig
+    pass
 '''
 
 
@@ -76,12 +68,9 @@ def models(tmp_path, embedded_rms, bad_models):  # noqa: F811
     torch.save(load_file(pickled_policy / "model.safetensors"), pickled_policy / "pytorch_model.bin")
     (pickled_policy / "model.safetensors").unlink()
     custom = variant("custom_code")  # a model whose config names code of its own
-    (custom / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
     (custom / "modeling_tiny.py").write_text(CUSTOM_MODEL)
     config = json.loads((custom / "config.json").read_text())
-    config.update(model_type="aplot-tiny", auto_map={
-        "AutoConfig": "configuration_tiny.TinyConfig",
-        "AutoModelForSequenceClassification": "modeling_tiny.TinyForSequenceClassification"})
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_tiny.TinyForSequenceClassification"}
     (custom / "config.json").write_text(json.dumps(config))
     preset = tmp_path / "broken_preset"  # a preset whose config.json is cut short
     preset.mkdir()
@@ -91,6 +80,11 @@ def models(tmp_path, embedded_rms, bad_models):  # noqa: F811
     twice.mkdir()
     shutil.copy("recipes/models/tiny-qwen2/config.json", twice)
     (twice / "preset.yaml").write_text("seed: 0\ntokenizer: {vocab_size: 512}\nseed: 1\n")
+    huge = tmp_path / "huge_preset"  # a preset whose lineage would train on 10^10 documents
+    huge.mkdir()
+    shutil.copy("recipes/models/tiny-qwen2/config.json", huge)
+    (huge / "preset.yaml").write_text("seed: 0\nbase: {documents: 10000000000}\n")
+    made["huge_preset"] = str(huge)
     return {**made, "no_weights": str(no_weights), "truncated": str(truncated), "pickled_policy": str(pickled_policy),
             "custom": str(custom), "broken_preset": str(preset), "twice_preset": str(twice)}
 
@@ -125,10 +119,10 @@ RM_CASES = [
     ("truncated weights", "model_name_or_path: {truncated}\ninit_from: sft\n", True, [],
      "{truncated}/model.safetensors: truncated ({half:,} bytes, its header lists {full:,}): copy or save it again"),
     ("custom code without trust_remote_code", "model_name_or_path: {custom}\ninit_from: sft\n", True, [],
-     "{custom}: its config names code of its own (configuration_tiny.py, modeling_tiny.py) that loading would run; "
+     "{custom}: its config names code of its own (modeling_tiny.py) that loading would run; "
      "set trust_remote_code: true to allow it"),
     ("custom code with init_from scratch", "model_name_or_path: {custom}\n", True, [],
-     "{custom}: its config names code of its own (configuration_tiny.py, modeling_tiny.py) that loading would run; "
+     "{custom}: its config names code of its own (modeling_tiny.py) that loading would run; "
      "set trust_remote_code: true to allow it"),
     # 6. bounds
     ("sinkhorn_iters unbounded", "sinkhorn_iters: 1099511627776\n", True, [],
@@ -145,7 +139,7 @@ RM_CASES = [
      "{recipe}: its aliases expand to more than 100,000 values (a recipe holds a few hundred): refused before "
      "expanding them"),
     ("recursive alias", "eval_splits: &s [test_id, *s]\n", True, [],
-     "{recipe}: line {last}, column 15: an alias refers to the anchor it is inside of (a recursive structure)"),
+     "{recipe}: line {last}, column 14: an alias refers to the anchor it is inside of (a recursive structure)"),
     # 7. one line for every bad input
     ("key not a string", "1: one\n", True, [], "{recipe}: line {last}, column 1: key 1 is not a string (quote it)"),
     ("unquoted no", "eval_strategy: no\n", True, [],
@@ -154,15 +148,15 @@ RM_CASES = [
     ("misspelt strategy", "eval_strategy: stepz\n", True, [],
      "{recipe}: eval_strategy must be one of no, steps, epoch, got 'stepz' (did you mean: steps, epoch, no?)"),
     ("dtype float8", "dtype: float8\n", True, [],
-     "{recipe}: dtype must be one of auto, bfloat16, float16, float32, got 'float8' (did you mean: float16, "
-     "float32, bfloat16?)"),
+     "{recipe}: dtype must be one of auto, bfloat16, float16, float32, got 'float8' (did you mean: float32, "
+     "float16, bfloat16?)"),
     ("eval set name a list", "eval_datasets: [{{name: [a, b], path: {data}/good.jsonl}}]\n", True, [],
      "{recipe}: eval_datasets[0]: name must be a non-empty string, got ['a', 'b']"),
     ("eval set columns a string", "eval_datasets: [{{name: mine, path: {data}/good.jsonl, columns: prompt}}]\n", True,
      [], "{recipe}: eval_datasets[0]: columns must be a mapping of column names ({{prompt: question, ...}}), got "
      "'prompt'"),
     ("preset with a broken config.json", "model_name_or_path: {broken_preset}\n", True, [],
-     "{broken_preset}/config.json: not valid JSON (line 1, column 42: Expecting property name enclosed in double "
+     "{broken_preset}/config.json: not valid JSON (line 1, column 43: Expecting property name enclosed in double "
      "quotes)"),
     ("preset.yaml with a key twice", "model_name_or_path: {twice_preset}\n", True, [],
      "{twice_preset}/preset.yaml: line 3, column 1: duplicate key 'seed' (first at line 1): YAML would keep only "
@@ -176,7 +170,18 @@ RM_CASES = [
     ("file of another kind", "dataset_name: {data}/prefs.txt\neval_splits: []\n", True, [],
      "{data}/prefs.txt: a file of a kind this loader does not read; name a .csv, .json, .jsonl, .parquet file or "
      "a dataset directory"),
-    ("--config without a value", "", True, ["--config"], "command line: --config needs a recipe file after it"),
+    ("flag given twice", "", True, ["--gamma", "0.2", "--gamma", "0.3"], "command line: --gamma is given twice"),
+    ("negative seed", "seed: -1\n", True, [], "{recipe}: seed must be >= 0, got -1"),
+    ("data workers unbounded", "dataloader_num_workers: 100000\n", True, [],
+     "{recipe}: dataloader_num_workers must be <= 256, got 100000"),
+    ("preset sized beyond bounds", "model_name_or_path: {huge_preset}\n", True, [],
+     "{huge_preset}/preset.yaml: base: documents must be <= 10000000, got 10000000000"),
+    ("empty dataset_name", "dataset_name: ''\n", True, [], "{recipe}: dataset_name is empty"),
+    ("deepspeed config missing", "deepspeed: {tmp}/nope.json\n", True, [],
+     "deepspeed config does not exist: {tmp}/nope.json"),
+    ("deepspeed config broken", "", True, ["--deepspeed", "{tmp}/broken.json"],
+     "{tmp}/broken.json: not valid JSON (line 2, column 1: Expecting value)"),
+    ("--config twice", "", True, ["--config", "{recipe}"], "command line: --config is given twice (one recipe a run)"),
 ]
 
 
@@ -187,11 +192,13 @@ def test_rm_refuses_hostile_input_in_one_line(tmp_path, data, models, case, text
 
     shutil.copy(data / "truncated.jsonl", data / "prefs.JSONL")
     (data / "prefs.txt").write_text("prompt,chosen,rejected\n")
+    (tmp_path / "broken.json").write_text('{"train_batch_size": \n')
     out = tmp_path / "out"
     fields = {**models, "tmp": tmp_path, "data": data, "half": models["full_size"] // 2, "full": models["full_size"]}
     recipe, base = rm_recipe(tmp_path, out, text.format(**fields), override)
     fields.update(recipe=recipe, last=base.count("\n") + text.count("\n"), gamma=line_of(base, "gamma"))
-    fails_with(rm.main, ["--config", str(recipe), *flags], expected.format(**fields), out)
+    fails_with(rm.main, ["--config", str(recipe), *[f.format(**fields) for f in flags]], expected.format(**fields),
+               out)
 
 
 def test_rm_refuses_a_pickle_only_checkpoint_to_resume(tmp_path, models):
@@ -213,12 +220,15 @@ def test_rm_refuses_a_pickle_only_checkpoint_to_resume(tmp_path, models):
     assert snapshot(out) == before
 
 
-def test_recipe_that_is_a_directory(tmp_path):
+def test_recipe_that_is_a_directory_or_missing(tmp_path):
     from pipelines import rm
 
-    with pytest.raises(UserError) as err:
-        rm.main(["--config", str(tmp_path)])
-    assert str(err.value) == f"recipe is a directory, not a YAML file: {tmp_path}"
+    for argv, expected in ((["--config", str(tmp_path)], f"recipe is a directory, not a YAML file: {tmp_path}"),
+                           (["--config"], "command line: --config needs a recipe file after it"),
+                           (["--config", "--gamma", "0.2"], "command line: --config needs a recipe file after it")):
+        with pytest.raises(UserError) as err:
+            rm.main(argv)
+        assert str(err.value) == expected
 
 
 def test_trust_remote_code_is_announced_and_threaded_through(tmp_path, models, capsys):
@@ -230,10 +240,9 @@ def test_trust_remote_code_is_announced_and_threaded_through(tmp_path, models, c
     recipe, _ = rm_recipe(tmp_path, out, f"model_name_or_path: {models['custom']}\ntrust_remote_code: true\n")
     rm.main(["--config", str(recipe)])
     printed = capsys.readouterr().out
-    announced = (f"trust_remote_code: code from {models['custom']} will run (configuration_tiny.py, "
-                 "modeling_tiny.py)")
+    announced = f"trust_remote_code: code from {models['custom']} will run (modeling_tiny.py)"
     assert printed.count(announced) == 1
-    assert json.loads((out / "config.json").read_text())["model_type"] == "aplot-tiny"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["TinyForSequenceClassification"]
     assert (out / "model.safetensors").exists()
 
 
@@ -257,11 +266,11 @@ EVAL_CASES = [
     ("truncated weights", ["{truncated}"],
      "{truncated}/model.safetensors: truncated ({half:,} bytes, its header lists {full:,}): copy or save it again"),
     ("custom code without trust_remote_code", ["{custom}"],
-     "{custom}: its config names code of its own (configuration_tiny.py, modeling_tiny.py) that loading would run; "
+     "{custom}: its config names code of its own (modeling_tiny.py) that loading would run; "
      "set trust_remote_code: true to allow it"),
     ("dtype float8", ["{rm}", "--dtype", "float8"],
      "recipes/eval/embedded.yaml: dtype must be one of auto, bfloat16, float16, float32, got 'float8' (did you "
-     "mean: float16, float32, bfloat16?)"),
+     "mean: float32, float16, bfloat16?)"),
 ]
 
 
@@ -297,8 +306,8 @@ BON_CASES = [
      "{tmp}/no_prompt.jsonl: no prompts to sample responses for (no prompt column, or only empty prompts); name "
      "the column with prompt_columns: {{prompt: <column>}}"),
     ("dtype float8", {"dtype": "float8"},
-     "{recipe}: dtype must be one of auto, bfloat16, float16, float32, got 'float8' (did you mean: float16, "
-     "float32, bfloat16?)"),
+     "{recipe}: dtype must be one of auto, bfloat16, float16, float32, got 'float8' (did you mean: float32, "
+     "float16, bfloat16?)"),
 ]
 
 
@@ -336,13 +345,13 @@ def ppo_argv(tmp_path, models, *flags):
 def test_ppo_refuses_a_pickle_only_policy_and_checkpoint(tmp_path, models):
     from pipelines import ppo
 
-    out = tmp_path / "out"
     fails_with(ppo.main, ppo_argv(tmp_path, models, "--sft_model_path", models["pickled_policy"]),
                f"{models['pickled_policy']}: weights only as pytorch_model.bin, a pickle, which is not loaded (loading "
-               "one can run code): save them as safetensors", out)
+               "one can run code): save them as safetensors", tmp_path / "out")
+    shutil.rmtree(tmp_path / "out")
     fails_with(ppo.main, ppo_argv(tmp_path, models, "--response_length", 2**30),
-               "recipes/ppo/embedded.yaml: response_length must be <= 1048576, got 1073741824", out)
-    shutil.rmtree(out)
+               "recipes/ppo/embedded.yaml: response_length must be <= 1048576, got 1073741824", tmp_path / "out")
+    out = tmp_path / "resumed"
     checkpoint = out / "checkpoint-8"
     shutil.copytree(models["pickled_policy"], checkpoint)
     shutil.copytree(models["rm"], checkpoint / "value_model")
@@ -350,7 +359,7 @@ def test_ppo_refuses_a_pickle_only_policy_and_checkpoint(tmp_path, models):
     (checkpoint / "gold_history.json").write_text("[]")
     before = snapshot(out)
     with pytest.raises(UserError) as err:
-        ppo.main(ppo_argv(tmp_path, models))
+        ppo.main([*ppo_argv(tmp_path, models), "--output_dir", str(out)])
     assert str(err.value) == (f"{checkpoint}: weights only as pytorch_model.bin, a pickle, which is not loaded "
                               "(loading one can run code): save them as safetensors")
     assert snapshot(out) == before
