@@ -336,20 +336,20 @@ def test_bon_names_proxies_apart_and_from_the_gold(tmp_path, models):
     assert all(metrics["gold_at_n"][name] for name in metrics["gold_at_n"])
 
 
-def ppo_argv(tmp_path, models, *flags):
-    return ["--config", "recipes/ppo/embedded.yaml", "--sft_model_path", models["policy"], "--reward_model_path",
-            models["rm"], "--output_dir", str(tmp_path / "out"), "--n_prompts", "64", "--n_eval_prompts", "4",
-            *map(str, flags)]
+def ppo_argv(tmp_path, models, **keys):
+    keys = {"sft_model_path": models["policy"], "reward_model_path": models["rm"], "output_dir": tmp_path / "out",
+            "n_prompts": 64, "n_eval_prompts": 4, **keys}
+    return ["--config", "recipes/ppo/embedded.yaml", *[str(w) for k, v in keys.items() for w in (f"--{k}", v)]]
 
 
 def test_ppo_refuses_a_pickle_only_policy_and_checkpoint(tmp_path, models):
     from pipelines import ppo
 
-    fails_with(ppo.main, ppo_argv(tmp_path, models, "--sft_model_path", models["pickled_policy"]),
+    fails_with(ppo.main, ppo_argv(tmp_path, models, sft_model_path=models["pickled_policy"]),
                f"{models['pickled_policy']}: weights only as pytorch_model.bin, a pickle, which is not loaded (loading "
                "one can run code): save them as safetensors", tmp_path / "out")
     shutil.rmtree(tmp_path / "out")
-    fails_with(ppo.main, ppo_argv(tmp_path, models, "--response_length", 2**30),
+    fails_with(ppo.main, ppo_argv(tmp_path, models, response_length=2**30),
                "recipes/ppo/embedded.yaml: response_length must be <= 1048576, got 1073741824", tmp_path / "out")
     out = tmp_path / "resumed"
     checkpoint = out / "checkpoint-8"
@@ -359,7 +359,7 @@ def test_ppo_refuses_a_pickle_only_policy_and_checkpoint(tmp_path, models):
     (checkpoint / "gold_history.json").write_text("[]")
     before = snapshot(out)
     with pytest.raises(UserError) as err:
-        ppo.main([*ppo_argv(tmp_path, models), "--output_dir", str(out)])
+        ppo.main(ppo_argv(tmp_path, models, output_dir=out))
     assert str(err.value) == (f"{checkpoint}: weights only as pytorch_model.bin, a pickle, which is not loaded "
                               "(loading one can run code): save them as safetensors")
     assert snapshot(out) == before
@@ -406,7 +406,7 @@ def wait_for(predicate, process, seconds=300):
 def test_command_line_duplicate_key_and_ctrl_c(tmp_path):
     """For real, through `python -m pipelines.rm`: a key given twice is one `error:` line and exit 2; Ctrl-C
     is one line naming the command that continues (exit 130), and that command does continue."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "out"
     recipe, base = rm_recipe(tmp_path, out, "gamma: 0.2\n", override=False)
     done = subprocess.run([sys.executable, "-m", "pipelines.rm", "--config", str(recipe)], capture_output=True,
@@ -417,22 +417,30 @@ def test_command_line_duplicate_key_and_ctrl_c(tmp_path):
         f"{line_of(base, 'gamma')}): YAML would keep only the last value"]
     assert not out.exists()
 
-    recipe, _ = rm_recipe(tmp_path, out, "max_steps: 100000\nsave_steps: 1\nsave_total_limit: 1\n")
+    recipe, _ = rm_recipe(tmp_path, out, "max_steps: 100000\nsave_strategy: steps\nsave_steps: 1\n"
+                                                   "save_total_limit: 1\n")
     args = ["--config", str(recipe), "--resume", "false"]
     expected = (f"interrupted; to continue where it stopped, rerun: python -m pipelines.rm --config {recipe} "
                 "--resume true")
     for attempt, argv in enumerate((args, shlex.split(expected.split(": ", 1)[1])[3:])):
         log = tmp_path / f"stdout{attempt}"
         with open(log, "w") as stdout:
+            # as at a terminal, even when this test runs in the background (whose children ignore SIGINT)
             process = subprocess.Popen([sys.executable, "-m", "pipelines.rm", *argv], stdout=stdout,
-                                       stderr=subprocess.PIPE, text=True, env=env)
-            if attempt == 0:
-                wait_for(lambda: any(out.glob("checkpoint-*/trainer_state.json")), process)
-            else:  # the printed command continues the interrupted run
-                wait_for(lambda log=log: "resuming from" in log.read_text(), process)
-            time.sleep(1)
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=120)
+                                       stderr=subprocess.PIPE, text=True, env=env,
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            try:
+                if attempt == 0:
+                    wait_for(lambda: any(out.glob("checkpoint-*/trainer_state.json")), process)
+                else:  # the printed command continues the interrupted run
+                    wait_for(lambda log=log: "resuming from" in log.read_text(), process)
+                time.sleep(1)
+                process.send_signal(signal.SIGINT)
+                _, stderr = process.communicate(timeout=120)
+            finally:
+                if process.poll() is None:  # never leave a 100,000-step run behind
+                    process.kill()
+                    process.wait()
         assert process.returncode == 130, stderr[-2000:]
         assert "Traceback" not in stderr
         assert stderr.strip().splitlines()[-1] == expected
