@@ -72,13 +72,13 @@ def check_weights(path: str, what: str = "model", trust_remote_code: bool = Fals
     # a PEFT checkpoint holds its adapter and the adapter's config only
     config_file = root / ("adapter_config.json" if (root / "adapter_model.safetensors").exists()
                           and not (root / "config.json").exists() else "config.json")
-    config = read_json(config_file, f"{path}: no config.json in this directory")
-    code = {**config.get("auto_map", {})}
-    tokenizer_config = root / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        code.update(read_json(tokenizer_config).get("auto_map", {}) or {})
+    configs = [read_json(config_file, f"{path}: no config.json in this directory"),
+               read_json(root / "tokenizer_config.json")]
+    # `auto_map` names the classes transformers would import from the directory's own .py files
+    code = [v for config in configs for value in (config.get("auto_map") or {},)
+            for v in (value.values() if isinstance(value, dict) else [value])]
     if code:
-        modules = sorted({str(v).split(".")[0] + ".py" for value in code.values()
+        modules = sorted({str(v).split(".")[0] + ".py" for value in code
                           for v in (value if isinstance(value, list) else [value]) if v})
         if not trust_remote_code:
             raise UserError(f"{path}: its config names code of its own ({', '.join(modules)}) that loading would "
@@ -161,13 +161,6 @@ def check_safetensors_file(file: Path) -> None:
     if 8 + length + end > size:
         raise UserError(f"{file}: truncated ({size:,} bytes, its header lists {8 + length + end:,}): copy or save "
                         "it again")
-
-
-def check_safetensors(path: str) -> None:
-    if Path(path).is_dir() and has_weights(path) and not any((Path(path) / n).exists() for n in SAFE_WEIGHTS):
-        pickled = next(name for name in PICKLE_WEIGHTS if (Path(path) / name).exists())
-        raise UserError(f"{path}: weights only as {pickled}, a pickle, which is not loaded (loading one can run "
-                        "code): save them as safetensors")
 
 
 def checkpoint_keys(path: str) -> list[str] | None:
