@@ -248,7 +248,9 @@ def check_model_source(path: str | None, what: str, trust_remote_code: bool = Fa
     check_path(path, what)
     if lineage.is_preset(path):
         preset = lineage.load_preset(path)
-        read_json(Path(path) / "config.json")
+        if read_json(Path(path) / "config.json").get("auto_map"):
+            raise UserError(f"{Path(path) / 'config.json'}: names code to import (auto_map); a preset is data: "
+                            "an architecture transformers knows")
         # what sizes the lineage's work: its tokenizer, its training sets and batches
         for stage, key, high in (("tokenizer", "vocab_size", MAX_TOKENS), ("base", "documents", MAX_PAIRS),
                                  ("sft", "examples", MAX_PAIRS), ("base", "max_length", MAX_TOKENS),

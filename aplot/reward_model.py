@@ -117,10 +117,14 @@ def read_json(file: Path, missing: str | None = None) -> dict:
         return {}
     try:
         value = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{file}: cannot be read ({err.strerror})") from None
     except UnicodeDecodeError:
         raise UserError(f"{file}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{file}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except RecursionError:
+        raise UserError(f"{file}: nested too deeply to be a model's configuration") from None
     if not isinstance(value, dict):
         raise UserError(f"{file}: a JSON object is expected, got a {type(value).__name__}")
     return value

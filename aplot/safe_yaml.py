@@ -80,12 +80,17 @@ def read_recipe(path: str, what: str = "recipe") -> dict:
     """The YAML mapping in `path`, read with the safe loader; every way it can be unreadable is one line."""
     if os.path.isdir(path):
         raise UserError(f"{what} is a directory, not a YAML file: {path}")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"{what} file does not exist: {path}")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} is not a regular file: {path}")
     if os.path.getsize(path) > MAX_BYTES:
         raise UserError(f"{path}: {os.path.getsize(path):,} bytes, more than a {what} holds "
                         f"(at most {MAX_BYTES:,})")
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

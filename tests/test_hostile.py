@@ -85,6 +85,12 @@ def models(tmp_path, embedded_rms, bad_models):  # noqa: F811
     shutil.copy("recipes/models/tiny-qwen2/config.json", huge)
     (huge / "preset.yaml").write_text("seed: 0\nbase: {documents: 10000000000}\n")
     made["huge_preset"] = str(huge)
+    code_preset = tmp_path / "code_preset"  # a preset whose config.json would import code
+    code_preset.mkdir()
+    (code_preset / "preset.yaml").write_text("seed: 0\n")
+    config = json.loads(Path("recipes/models/tiny-qwen2/config.json").read_text())
+    (code_preset / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "evil.Config"}}))
+    made["code_preset"] = str(code_preset)
     return {**made, "no_weights": str(no_weights), "truncated": str(truncated), "pickled_policy": str(pickled_policy),
             "custom": str(custom), "broken_preset": str(preset), "twice_preset": str(twice)}
 
@@ -176,6 +182,9 @@ RM_CASES = [
      "{recipe}: dataloader_num_workers must be <= 256, got 100000"),
     ("preset sized beyond bounds", "model_name_or_path: {huge_preset}\n", True, [],
      "{huge_preset}/preset.yaml: base: documents must be <= 10000000, got 10000000000"),
+    ("preset naming code", "model_name_or_path: {code_preset}\n", True, [],
+     "{code_preset}/config.json: names code to import (auto_map); a preset is data: an architecture transformers "
+     "knows"),
     ("empty dataset_name", "dataset_name: ''\n", True, [], "{recipe}: dataset_name is empty"),
     ("deepspeed config missing", "deepspeed: {tmp}/nope.json\n", True, [],
      "deepspeed config does not exist: {tmp}/nope.json"),
@@ -224,6 +233,7 @@ def test_recipe_that_is_a_directory_or_missing(tmp_path):
     from pipelines import rm
 
     for argv, expected in ((["--config", str(tmp_path)], f"recipe is a directory, not a YAML file: {tmp_path}"),
+                           (["--config", "/dev/null"], "recipe is not a regular file: /dev/null"),
                            (["--config"], "command line: --config needs a recipe file after it"),
                            (["--config", "--gamma", "0.2"], "command line: --config needs a recipe file after it")):
         with pytest.raises(UserError) as err:

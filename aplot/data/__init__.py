@@ -74,7 +74,10 @@ def load_raw(name: str, config: str | None, split: str) -> tuple[Dataset, str]:
         if path.stat().st_size == 0:
             raise UserError(f"{name}: the file is empty")
         if suffix != ".parquet":
-            check_text_file(path, name)
+            try:
+                check_text_file(path, name)
+            except OSError as err:
+                raise UserError(f"{name}: cannot be read ({err.strerror})") from None
         label, args = name, (FILE_FORMATS[suffix],)
         kwargs = {"data_files": str(path), "split": "train"}
     elif path.is_file():
