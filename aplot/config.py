@@ -306,10 +306,6 @@ class RecipeParser(TrlParser):
             raise UserError("command line: --config needs a recipe file after it")
         recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
         self.where = where = f"{recipe}: " if recipe else ""
-        flags = [word.split("=")[0] for word in argv if word.startswith("--")]
-        twice = next((flag for flag in flags if flags.count(flag) > 1), None)
-        if twice:
-            raise UserError(f"command line: {twice} is given twice")
         config = read_recipe(recipe) if recipe else {}
         if recipe:
             self.check_types(recipe, config)

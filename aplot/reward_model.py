@@ -69,6 +69,8 @@ def check_weights(path: str, what: str = "model", trust_remote_code: bool = Fals
                                 "run code): save them as safetensors")
             hint = "; init_from: scratch builds fresh weights from its config.json" if what == "model" else ""
             raise UserError(f"{path}: no model weights (model.safetensors) in this directory{hint}")
+    if what == "checkpoint":
+        check_checkpoint_states(root)
     # a PEFT checkpoint holds its adapter and the adapter's config only
     config_file = root / ("adapter_config.json" if (root / "adapter_model.safetensors").exists()
                           and not (root / "config.json").exists() else "config.json")
@@ -86,6 +88,32 @@ def check_weights(path: str, what: str = "model", trust_remote_code: bool = Fals
         if str(root.resolve()) not in _ANNOUNCED:
             _ANNOUNCED.add(str(root.resolve()))
             print(f"trust_remote_code: code from {path} will run ({', '.join(modules)})")
+
+
+def check_checkpoint_states(checkpoint: Path) -> None:
+    """A training checkpoint's optimizer, scheduler and RNG states are pickles (the Trainer's format): each
+    is read as the Trainer will read it, by torch's restricted unpickler (tensors, plain values and numpy's
+    arrays), its tensors memory-mapped rather than read, so a file that holds anything else, or is cut
+    short, is named now rather than met as a traceback once the model is built."""
+    import pickle
+
+    from transformers.trainer_pt_utils import safe_globals
+
+    for file in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
+        try:
+            with safe_globals():
+                try:
+                    torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as err:
+                    if "mmap" not in str(err):
+                        raise
+                    torch.load(file, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+        except pickle.UnpicklingError:
+            raise UserError(f"{file}: holds objects other than tensors and plain values, which loading could run "
+                            "as code, so it is not loaded: resume from another checkpoint, or resume: false") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{file}: cannot be read ({reason}): the checkpoint looks damaged") from None
 
 
 def model_names(paths: list[str], reserved: tuple[str, ...] = ()) -> dict[str, str]:
