@@ -310,7 +310,7 @@ class RecipeParser(TrlParser):
         if recipe:
             self.check_types(recipe, config)
         deepspeed = argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv[:-1] else config.get("deepspeed")
-        if isinstance(deepspeed, str) and not deepspeed.lstrip().startswith("{"):
+        if isinstance(deepspeed, str) and deepspeed.strip() and not deepspeed.lstrip().startswith("{"):
             # TrainingArguments reads it while the recipe is parsed, and names neither the key nor the fault
             from aplot.reward_model import read_json
 
