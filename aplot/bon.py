@@ -101,7 +101,7 @@ class TransformersSampler:
         kwargs = {"dtype": getattr(torch, dtype)} if dtype not in (None, "auto") else {}
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=trust_remote_code,
-                                                          **kwargs).to(self.device).eval()
+                                                          use_safetensors=True, **kwargs).to(self.device).eval()
 
     def sample(self, prompts: list[str], prompt_indices: list[int], n: int, params: dict, seed: int):
         torch = self.torch

@@ -20,6 +20,7 @@ from trl import ModelConfig, RewardConfig, TrlParser
 
 from aplot.errors import UserError
 from aplot.objective import LOSS_TYPES
+from aplot.safe_yaml import read_recipe, yaml_repr
 
 
 @dataclass
@@ -65,12 +66,16 @@ class DataConfig:
                 "between the two curves shows over-fitting. 0: the held-out curve alone."})
 
     def __post_init__(self):
-        check_range("n_train", self.n_train, low=1)
-        check_range("n_eval", self.n_eval, low=1)
-        check_range("curve_eval_pairs", self.curve_eval_pairs, low=1)
-        check_range("curve_train_pairs", self.curve_train_pairs, low=0)
+        check_range("n_train", self.n_train, low=1, high=MAX_PAIRS)
+        check_range("n_eval", self.n_eval, low=1, high=MAX_PAIRS)
+        check_range("curve_eval_pairs", self.curve_eval_pairs, low=1, high=MAX_PAIRS)
+        check_range("curve_train_pairs", self.curve_train_pairs, low=0, high=MAX_PAIRS)
         check_range("hard_fraction", self.hard_fraction, 0.0, 1.0)
         check_range("label_noise", self.label_noise, 0.0, 1.0)
+        check_range("world_seed", self.world_seed, low=0, high=MAX_SEED)
+        for key in ("dataset_name", "dataset_train_split"):
+            if not getattr(self, key):
+                raise UserError(f"{key} is empty")
         if self.max_train_pairs is not None:
             check_range("max_train_pairs", self.max_train_pairs, low=1)
         from aplot.data.formats import FORMATS
@@ -78,14 +83,7 @@ class DataConfig:
         if self.dataset_format not in FORMATS:
             raise UserError(f"dataset_format {self.dataset_format!r} is not one of {', '.join(FORMATS)}"
                             + did_you_mean(self.dataset_format, FORMATS))
-        for i, spec in enumerate(self.eval_datasets or []):
-            if not isinstance(spec, dict) or not {"name", "path"} <= spec.keys():
-                raise UserError(f"eval_datasets[{i}] needs at least a name and a path, got {spec!r}")
-            unknown = set(spec) - {"name", "path", "format", "config", "split", "columns"}
-            if unknown:
-                raise UserError(f"eval_datasets[{i}]: unknown key {sorted(unknown)[0]!r}")
-            if spec.get("format", "explicit") not in FORMATS:
-                raise UserError(f"eval_datasets[{i}]: format {spec['format']!r} is not one of {', '.join(FORMATS)}")
+        check_eval_sets(self.eval_splits, self.eval_datasets, FORMATS)
 
     def eval_sources(self) -> dict[str, dict]:
         """Every eval set by name: the dataset's own `eval_splits`, then `eval_datasets`."""
@@ -95,6 +93,62 @@ class DataConfig:
         for spec in self.eval_datasets or []:
             sources[spec["name"]] = {"format": "explicit", "config": None, "split": "train", "columns": None, **spec}
         return sources
+
+
+# Upper bounds on the keys that size work: far above any real run, low enough that a typo (2**40 samples)
+# is refused before work instead of failing to allocate terabytes after hours.
+MAX_PAIRS = 10**7  # pairs, prompts, responses
+MAX_TOKENS = 1 << 20  # a sequence: the longest context of any current model
+MAX_BATCH = 1 << 16  # sequences in one batch; samples per prompt
+MAX_ITERS = 100_000  # Sinkhorn iterations, PPO epochs
+MAX_STEPS = 10**9  # optimizer steps, episodes
+MAX_WORKERS = 256  # data-loading processes
+MAX_SEED = 2**32 - 1  # what numpy's seeding accepts
+EVAL_SPEC_KEYS = {"name": str, "path": str, "format": str, "config": str, "split": str, "columns": dict}
+# Names metrics.json gives its own entries beside the eval sets' (`data.train`: the training counts).
+RESERVED_EVAL_NAMES = ("train",)
+
+
+def check_eval_sets(eval_splits: list, eval_datasets: list | None, formats) -> None:
+    """Every eval set is named once: a name given twice, or an eval_datasets entry named like one of the
+    dataset's own eval_splits, would silently replace the other set in every table."""
+    seen = {}
+    for split in eval_splits:
+        if split in seen:
+            raise UserError(f"eval_splits: {split!r} is listed twice")
+        if split in RESERVED_EVAL_NAMES:
+            raise UserError(f"eval_splits: the name {split!r} is taken by the training data's counts in "
+                            "metrics.json; evaluate on a held-out split")
+        seen[split] = "eval_splits"
+    if eval_datasets is not None and not isinstance(eval_datasets, list):
+        raise UserError(f"eval_datasets must be a list of {{name, path, ...}} mappings, got {eval_datasets!r}")
+    for i, spec in enumerate(eval_datasets or []):
+        if not isinstance(spec, dict) or not {"name", "path"} <= spec.keys():
+            raise UserError(f"eval_datasets[{i}] needs at least a name and a path, got {spec!r}")
+        unknown = set(spec) - set(EVAL_SPEC_KEYS)
+        if unknown:
+            raise UserError(f"eval_datasets[{i}]: unknown key {sorted(unknown)[0]!r}"
+                            + did_you_mean(sorted(unknown)[0], EVAL_SPEC_KEYS))
+        for key, kind in EVAL_SPEC_KEYS.items():
+            value = spec.get(key)
+            if value is not None and not isinstance(value, kind) or key in ("name", "path") and not value:
+                what = "a mapping of column names ({prompt: question, ...})" if kind is dict else "a non-empty string"
+                raise UserError(f"eval_datasets[{i}]: {key} must be {what}, got {yaml_repr(value)}")
+        for column, renamed in (spec.get("columns") or {}).items():
+            if not isinstance(column, str) or not isinstance(renamed, str):
+                raise UserError(f"eval_datasets[{i}]: columns maps column names to column names, got "
+                                f"{yaml_repr(column)}: {yaml_repr(renamed)}")
+        if spec.get("format", "explicit") not in formats:
+            raise UserError(f"eval_datasets[{i}]: format {spec['format']!r} is not one of {', '.join(formats)}")
+        name = spec["name"]
+        if name in RESERVED_EVAL_NAMES:
+            raise UserError(f"eval_datasets[{i}]: the name {name!r} is taken by the training data's counts in "
+                            "metrics.json; choose another")
+        if name in seen:
+            where = ("one of eval_splits, the dataset's own split it would replace" if seen[name] == "eval_splits"
+                     else f"also the name of {seen[name]}")
+            raise UserError(f"eval_datasets[{i}]: name {name!r} is {where}; give each eval set its own name")
+        seen[name] = f"eval_datasets[{i}]"
 
 
 @dataclass
@@ -131,23 +185,27 @@ class APLOTConfig(RewardConfig):
                             + did_you_mean(self.loss_type, LOSS_TYPES))
         check_range("gamma", self.gamma, 0.0, 1.0)
         check_range("epsilon", self.epsilon, low=0.0, low_open=True)
-        check_range("sinkhorn_iters", self.sinkhorn_iters, low=1)
+        check_range("sinkhorn_iters", self.sinkhorn_iters, low=1, high=MAX_ITERS)
         check_range("margin_scale", self.margin_scale)
         check_range("label_smoothing", self.label_smoothing, 0.0, 0.5)
         if self.margin_value is not None:
             check_range("margin_value", self.margin_value)
         # TrainingArguments accepts these at 0 or below and fails mid-run (or trains nothing): say so now
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            check_range(key, getattr(self, key), low=1)
+            check_range(key, getattr(self, key), low=1, high=MAX_BATCH)
         if self.max_steps != -1:
-            check_range("max_steps", self.max_steps, low=1, hint=" (or -1: num_train_epochs decides)")
+            check_range("max_steps", self.max_steps, low=1, high=MAX_STEPS, hint=" (or -1: num_train_epochs decides)")
         else:
-            check_range("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
+            check_range("num_train_epochs", self.num_train_epochs, low=0, high=MAX_ITERS, low_open=True)
         for key in ("learning_rate", "warmup_steps", "weight_decay"):
             check_range(key, getattr(self, key), low=0)
-        for key in ("logging_steps", "save_steps", "eval_steps", "max_length"):
+        check_range("seed", self.seed, low=0, high=MAX_SEED)
+        check_range("dataloader_num_workers", self.dataloader_num_workers, low=0, high=MAX_WORKERS)
+        for key in ("logging_steps", "save_steps", "eval_steps"):
             if getattr(self, key, None) is not None:
                 check_range(key, getattr(self, key), low=0, low_open=True)
+        if self.max_length is not None:
+            check_range("max_length", self.max_length, low=0, high=MAX_TOKENS, low_open=True)
         for key, value, choices in (("ot_hidden", self.ot_hidden, ("last_token", "first_token")),
                                     ("ot_scope", self.ot_scope, ("global", "local"))):
             if value not in choices:
@@ -175,7 +233,40 @@ class APLOTModelConfig(ModelConfig):
         if self.init_from not in INIT_FROM:
             raise UserError(f"init_from {self.init_from!r} is not one of {', '.join(INIT_FROM)}"
                             + did_you_mean(self.init_from, INIT_FROM))
+        check_dtype(self.dtype)
         super().__post_init__()
+
+
+def check_model_source(path: str | None, what: str, trust_remote_code: bool = False, init_from: str = "sft") -> None:
+    """Where a stage's model comes from, checked before any work (make plan asks the same): a model
+    preset's own files (its preset.yaml read as strictly as a recipe), or a model directory under the one
+    loading policy (`aplot.reward_model.check_weights`; no weights there is refused unless init_from:
+    scratch asks for fresh ones)."""
+    from aplot import lineage
+    from aplot.reward_model import check_path, check_weights, read_json
+
+    if not path:
+        raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
+    path = lineage.EMBEDDED if what == "policy" and path == "embedded" else path
+    check_path(path, what)
+    if lineage.is_preset(path):
+        preset = lineage.load_preset(path)
+        if read_json(Path(path) / "config.json").get("auto_map"):
+            raise UserError(f"{Path(path) / 'config.json'}: names code to import (auto_map); a preset is data: "
+                            "an architecture transformers knows")
+        # what sizes the lineage's work: its tokenizer, its training sets and batches
+        for stage, key, high in (("tokenizer", "vocab_size", MAX_TOKENS), ("base", "documents", MAX_PAIRS),
+                                 ("sft", "examples", MAX_PAIRS), ("base", "max_length", MAX_TOKENS),
+                                 ("sft", "max_length", MAX_TOKENS), ("base", "per_device_train_batch_size", MAX_BATCH),
+                                 ("sft", "per_device_train_batch_size", MAX_BATCH),
+                                 ("base", "num_train_epochs", MAX_ITERS), ("sft", "num_train_epochs", MAX_ITERS)):
+            if key in getattr(preset, stage):
+                try:
+                    check_range(key, getattr(preset, stage)[key], low=1, high=high)
+                except UserError as err:
+                    raise UserError(f"{Path(path) / lineage.PRESET_FILE}: {stage}: {err}") from None
+    else:
+        check_weights(path, what, trust_remote_code, fresh=init_from == "scratch")
 
 
 def check_range(key, value, low=None, high=None, low_open=False, hint=""):
@@ -186,6 +277,16 @@ def check_range(key, value, low=None, high=None, low_open=False, hint=""):
         raise UserError(f"{key} must be {'>' if low_open else '>='} {low}{hint}, got {value!r}")
     if high is not None and value > high:
         raise UserError(f"{key} must be <= {high}, got {value!r}")
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_dtype(value, key: str = "dtype") -> None:
+    """The dtypes a model is loaded in (TRL's ModelConfig offers the same)."""
+    if value is not None and value not in DTYPES:
+        raise UserError(f"{key} must be one of {', '.join(DTYPES)}, got {yaml_repr(value)}"
+                        + (did_you_mean(value, DTYPES) if isinstance(value, str) else ""))
 
 
 def did_you_mean(word, options) -> str:
@@ -201,10 +302,22 @@ class RecipeParser(TrlParser):
 
     def parse_recipe(self, argv=None):
         argv = list(sys.argv[1:] if argv is None else argv)
-        recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-        where = f"{recipe}: " if recipe else ""
+        if argv.count("--config") > 1:
+            raise UserError("command line: --config is given twice (one recipe a run)")
+        if "--config" in argv and (argv.index("--config") == len(argv) - 1
+                                   or argv[argv.index("--config") + 1].startswith("--")):
+            raise UserError("command line: --config needs a recipe file after it")
+        recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
+        self.where = where = f"{recipe}: " if recipe else ""
+        config = read_recipe(recipe) if recipe else {}
         if recipe:
-            self.check_types(recipe, read_recipe(recipe))
+            self.check_types(recipe, config)
+        deepspeed = argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv[:-1] else config.get("deepspeed")
+        if isinstance(deepspeed, str) and deepspeed.strip() and not deepspeed.lstrip().startswith("{"):
+            # TrainingArguments reads it while the recipe is parsed, and names neither the key nor the fault
+            from aplot.reward_model import read_json
+
+            read_json(Path(deepspeed), f"deepspeed config does not exist: {deepspeed}")
         try:
             *parsed, from_yaml, from_cli = self.parse_args_and_config(
                 argv, return_remaining_strings=True, separate_remaining_strings=True)
@@ -229,39 +342,38 @@ class RecipeParser(TrlParser):
         for cls in self.dataclass_types:
             hints = typing.get_type_hints(cls)
             for f in fields(cls):
-                if f.name in config and _matches(config[f.name], hints.get(f.name)) is False:
-                    raise UserError(f"{recipe}: {f.name} must be {_describe(hints[f.name])}, "
-                                    f"got {config[f.name]!r}")
+                if f.name not in config:
+                    continue
+                value, tp = config[f.name], hints.get(f.name)
+                if isinstance(value, bool) and not _admits(tp, bool):
+                    # unquoted no/off/yes/on are YAML booleans: `eval_strategy: no` reads as false
+                    raise UserError(f"{recipe}: {f.name} must be {_describe(tp)}, got {yaml_repr(value)} (YAML reads "
+                                    "unquoted yes, no, on and off as true or false: quote the word)")
+                if _matches(value, tp) is False:
+                    raise UserError(f"{recipe}: {f.name} must be {_describe(tp)}, got {yaml_repr(value)}")
+                choices = f.metadata.get("choices") or _enum_values(tp)
+                if choices and isinstance(value, str) and value not in choices:
+                    raise UserError(f"{recipe}: {f.name} must be one of {', '.join(map(str, choices))}, got "
+                                    f"{value!r}" + did_you_mean(value, choices))
 
 
-def read_recipe(path: str) -> dict:
-    """The recipe's YAML mapping, read with the safe loader; every way it can be unreadable is one line."""
-    if not os.path.isfile(path):
-        raise UserError(f"recipe file does not exist: {path}")
-    import yaml
+def _union_args(tp) -> tuple:
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
 
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line} is not UTF-8 (byte 0x{data[err.start]:02x})") from None
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
-        if "constructor for the tag" in problem:  # !!python/object and friends: never executed
-            tag = problem.split("tag ")[-1]
-            raise UserError(f"{path}: {at}the tag {tag} is not allowed (recipes are plain YAML, read with "
-                            "a safe loader)") from None
-        raise UserError(f"{path}: not valid YAML ({at}{problem})") from None
-    if config is None:
-        raise UserError(f"{path}: the recipe is empty")
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: a recipe is a mapping of keys to values, not a {type(config).__name__}")
-    return config
+
+def _admits(tp, kind) -> bool:
+    """Whether a field of type `tp` may hold a value of `kind` (a field of unknown type may)."""
+    return tp is None or any(a is typing.Any or a is kind for a in _union_args(tp))
+
+
+def _enum_values(tp) -> list[str] | None:
+    """The values of an Enum among a field's types (TrainingArguments' strategies, schedulers, ...)."""
+    import enum
+
+    for a in _union_args(tp):
+        if isinstance(a, type) and issubclass(a, enum.Enum):
+            return [m.value for m in a]
+    return None
 
 
 def _matches(value, tp) -> bool | None:
@@ -298,6 +410,8 @@ def _matches(value, tp) -> bool | None:
 
 def _describe(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _enum_values(tp):
+        return f"one of {', '.join(map(str, _enum_values(tp)))}"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -332,4 +446,10 @@ def run_settings(data_cfg, args, model_cfg) -> dict:
 
 
 def parse_rm_recipe(argv=None) -> tuple[DataConfig, APLOTConfig, APLOTModelConfig]:
-    return tuple(RecipeParser((DataConfig, APLOTConfig, APLOTModelConfig)).parse_recipe(argv))
+    parser = RecipeParser((DataConfig, APLOTConfig, APLOTModelConfig))
+    data_cfg, args, model_cfg = parser.parse_recipe(argv)
+    if args.eval_strategy != "no" and not data_cfg.eval_sources():
+        # TrainingArguments accepts it; the Trainer would refuse it with a traceback once the model is built
+        raise UserError(f"{parser.where}eval_strategy is {str(args.eval_strategy.value)!r} but there is no eval set "
+                        "(eval_splits is empty, no eval_datasets): name one, or set eval_strategy: 'no'")
+    return data_cfg, args, model_cfg

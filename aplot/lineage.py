@@ -82,7 +82,7 @@ def is_preset(path) -> bool:
 
 
 def load_preset(path) -> Preset:
-    from aplot.config import read_recipe
+    from aplot.safe_yaml import read_recipe
 
     file = Path(path) / PRESET_FILE
     data = read_recipe(str(file))

@@ -75,11 +75,32 @@ class APLOTPPOConfig(PPOConfig):
                 "replaced, the others kept); off, such a directory is refused."})
 
     def __post_init__(self):
-        from aplot.config import check_range
+        from aplot.config import (
+            MAX_BATCH,
+            MAX_ITERS,
+            MAX_PAIRS,
+            MAX_SEED,
+            MAX_STEPS,
+            MAX_TOKENS,
+            check_dtype,
+            check_range,
+        )
 
-        for key in ("n_prompts", "n_eval_prompts", "eval_samples_per_prompt", "score_batch_size",
-                    "response_length", "num_ppo_epochs", "num_mini_batches", "per_device_train_batch_size"):
-            check_range(key, getattr(self, key), low=1)
+        for key, high in (("n_prompts", MAX_PAIRS), ("n_eval_prompts", MAX_PAIRS),
+                          ("eval_samples_per_prompt", MAX_BATCH), ("score_batch_size", MAX_BATCH),
+                          ("response_length", MAX_TOKENS),
+                          ("num_ppo_epochs", MAX_ITERS), ("num_mini_batches", MAX_BATCH),
+                          ("per_device_train_batch_size", MAX_BATCH), ("gradient_accumulation_steps", MAX_BATCH),
+                          ("local_rollout_forward_batch_size", MAX_BATCH)):
+            check_range(key, getattr(self, key), low=1, high=high)
+        for key, high in (("max_prompt_length", MAX_TOKENS), ("score_max_length", MAX_TOKENS),
+                          ("total_episodes", MAX_STEPS)):
+            if getattr(self, key) is not None:
+                check_range(key, getattr(self, key), low=1, high=high)
+        check_range("num_train_epochs", self.num_train_epochs, low=0, high=MAX_ITERS, low_open=True)
+        check_dtype(self.dtype)
+        for key in ("seed", "world_seed"):
+            check_range(key, getattr(self, key), low=0, high=MAX_SEED)
         check_range("gold_eval_steps", self.gold_eval_steps, low=0)
         check_range("kl_coef", self.kl_coef, low=0.0)
         check_range("temperature", self.temperature, low=0.0, low_open=True)

@@ -3,24 +3,38 @@ head reads, and score (prompt, response) pairs in length-sorted batches. Used by
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    dynamic_module_utils,
+)
 from trl.data_utils import _tokenize
 
 from aplot.errors import UserError
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+# Pickles: loading one can run code (torch's restricted unpickler is all that would stand in the way).
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin", "model.pt", "model.pth")
+WEIGHT_FILES = SAFE_WEIGHTS + PICKLE_WEIGHTS
 HEAD_NAMES = ("score", "classifier", "v_head")
 # Any one of these makes a directory's tokenizer loadable; without them AutoTokenizer would build an
 # empty one from config.json and every text would encode to nothing.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model")
+# Never wait on stdin: a load that reaches custom code without trust_remote_code said fails instead of
+# asking "Do you wish to run the custom code? [y/N]" (every call here says it; this is the backstop).
+dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
+_ANNOUNCED: set[str] = set()
 
 
 def has_weights(path: str) -> bool:
@@ -32,18 +46,158 @@ def check_tokenizer_files(path: str) -> None:
         raise UserError(f"{path}: no tokenizer in this directory (no tokenizer.json or tokenizer_config.json)")
 
 
-def check_safetensors(path: str) -> None:
-    if Path(path).is_dir() and has_weights(path) and not any(
-            (Path(path) / n).exists() for n in ("model.safetensors", "model.safetensors.index.json")):
-        raise UserError(f"{path}: weights only as pytorch_model.bin, a pickle, which is not loaded (loading one "
-                        "can run code): save them as safetensors")
+def check_weights(path: str, what: str = "model", trust_remote_code: bool = False, fresh: bool = False) -> None:
+    """The one loading policy, asked by every loader (rm, eval, Best-of-N, PPO, resumed checkpoints): a
+    model directory loads only from complete safetensors weights (a pickle can run code), and only runs
+    code of its own when `trust_remote_code` says so, which is then announced in one line. `fresh`: the
+    weights are not read (init_from: scratch), only the config. A hub id is checked as it loads."""
+    check_path(path, what)
+    root = Path(path)
+    if not root.is_dir():
+        if root.exists():
+            raise UserError(f"{what} path is a file, not a model directory: {path}")
+        return
+    if not fresh:
+        safe = [name for name in SAFE_WEIGHTS if (root / name).exists()]
+        if safe:
+            for file in _safetensors_files(root, safe[0]):
+                check_safetensors_file(file)
+        else:
+            pickled = next((name for name in PICKLE_WEIGHTS if (root / name).exists()), None)
+            if pickled:
+                raise UserError(f"{path}: weights only as {pickled}, a pickle, which is not loaded (loading one can "
+                                "run code): save them as safetensors")
+            hint = "; init_from: scratch builds fresh weights from its config.json" if what == "model" else ""
+            raise UserError(f"{path}: no model weights (model.safetensors) in this directory{hint}")
+    if what == "checkpoint":
+        check_checkpoint_states(root)
+    # a PEFT checkpoint holds its adapter and the adapter's config only
+    config_file = root / ("adapter_config.json" if (root / "adapter_model.safetensors").exists()
+                          and not (root / "config.json").exists() else "config.json")
+    configs = [read_json(config_file, f"{path}: no config.json in this directory"),
+               read_json(root / "tokenizer_config.json")]
+    # `auto_map` names the classes transformers would import from the directory's own .py files
+    code = [v for config in configs for value in (config.get("auto_map") or {},)
+            for v in (value.values() if isinstance(value, dict) else [value])]
+    if code:
+        modules = sorted({str(v).split(".")[0] + ".py" for value in code
+                          for v in (value if isinstance(value, list) else [value]) if v})
+        if not trust_remote_code:
+            raise UserError(f"{path}: its config names code of its own ({', '.join(modules)}) that loading would "
+                            "run; set trust_remote_code: true to allow it")
+        if str(root.resolve()) not in _ANNOUNCED:
+            _ANNOUNCED.add(str(root.resolve()))
+            print(f"trust_remote_code: code from {path} will run ({', '.join(modules)})")
+
+
+def check_checkpoint_states(checkpoint: Path) -> None:
+    """A training checkpoint's optimizer, scheduler and RNG states are pickles (the Trainer's format): each
+    is read as the Trainer will read it, by torch's restricted unpickler (tensors, plain values and numpy's
+    arrays), its tensors memory-mapped rather than read, so a file that holds anything else, or is cut
+    short, is named now rather than met as a traceback once the model is built."""
+    import pickle
+
+    from transformers.trainer_pt_utils import safe_globals
+
+    for file in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
+        try:
+            with safe_globals():
+                try:
+                    torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as err:
+                    if "mmap" not in str(err):
+                        raise
+                    torch.load(file, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+        except pickle.UnpicklingError:
+            raise UserError(f"{file}: holds objects other than tensors and plain values, which loading could run "
+                            "as code, so it is not loaded: resume from another checkpoint, or resume: false") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{file}: cannot be read ({reason}): the checkpoint looks damaged") from None
+
+
+def model_names(paths: list[str], reserved: tuple[str, ...] = ()) -> dict[str, str]:
+    """A distinct name for each model path, for tables and caches: its directory's name, or as many of its
+    last path components as tell it from the others (`a/rm` and `b/rm`), never one of `reserved`."""
+    seen = {}
+    for path in paths:
+        key = os.path.abspath(path)
+        if key in seen:
+            raise UserError(f"reward_models: {path} is listed twice" + (f" (as {seen[key]})" if seen[key] != path
+                                                                       else ""))
+        seen[key] = path
+    parts = {path: Path(os.path.abspath(path)).parts[1:] or (path,) for path in paths}
+    names = {}
+    for path in paths:
+        for k in range(1, len(parts[path]) + 1):
+            name = "/".join(parts[path][-k:])
+            if name not in reserved and all(name != "/".join(parts[o][-k:]) for o in paths if o != path):
+                break
+        names[name] = path
+    return names
+
+
+def read_json(file: Path, missing: str | None = None) -> dict:
+    """A JSON object from a model directory's file, or one line saying why it cannot be read."""
+    if not file.is_file():
+        if missing:
+            raise UserError(missing)
+        return {}
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{file}: cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{file}: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except RecursionError:
+        raise UserError(f"{file}: nested too deeply to be a model's configuration") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file}: a JSON object is expected, got a {type(value).__name__}")
+    return value
+
+
+def _safetensors_files(root: Path, name: str) -> list[Path]:
+    if not name.endswith(".index.json"):
+        return [root / name]
+    weight_map = read_json(root / name).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{root / name}: no weight_map of tensor names to files")
+    files = [root / shard for shard in sorted(set(map(str, weight_map.values())))]
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise UserError(f"{root / name}: lists {missing.name}, which is not in the directory")
+    return files
+
+
+def check_safetensors_file(file: Path) -> None:
+    """A safetensors file is whole: its header parses and every tensor it lists lies inside the file (read
+    from the header alone, so a file cut short by a killed copy is named, not met mid-load)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        header = f.read(length) if length is not None and length <= size - 8 else None
+    try:
+        tensors = json.loads(header) if header is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        tensors = None
+    if not isinstance(tensors, dict):
+        raise UserError(f"{file}: not a readable safetensors file ({size:,} bytes; its header does not parse): the "
+                        "file looks truncated or is another format")
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in tensors.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise UserError(f"{file}: not a readable safetensors file (a tensor without data_offsets)") from None
+    if 8 + length + end > size:
+        raise UserError(f"{file}: truncated ({size:,} bytes, its header lists {8 + length + end:,}): copy or save "
+                        "it again")
 
 
 def checkpoint_keys(path: str) -> list[str] | None:
     """The tensor names of a directory's safetensors weights, read from the header only (None when
     the weights are not safetensors)."""
-    import json
-
     index, single = Path(path) / "model.safetensors.index.json", Path(path) / "model.safetensors"
     if index.exists():
         return list(json.loads(index.read_text())["weight_map"])
@@ -55,15 +209,12 @@ def checkpoint_keys(path: str) -> list[str] | None:
     return None
 
 
-def check_reward_model(path: str) -> None:
+def check_reward_model(path: str, trust_remote_code: bool = False) -> None:
     """What `load_reward_model` refuses, found without loading the weights, for stages that would
     otherwise load a model only after hours of other work (Best-of-N scores after sampling)."""
-    check_path(path, "reward model")
+    check_weights(path, "reward model", trust_remote_code)
     if not Path(path).is_dir():
         return  # a hub id: checked when it is loaded
-    if not has_weights(path):
-        raise UserError(f"{path}: no model weights (model.safetensors) in this directory")
-    check_safetensors(path)
     check_tokenizer_files(path)
     keys = checkpoint_keys(path)
     if keys is not None and not any(part in HEAD_NAMES for key in keys for part in key.split(".")[:-1]):
@@ -98,16 +249,17 @@ def check_path(path: str, what: str) -> None:
 
 def build_reward_model(path: str, tokenizer, dtype: str | None = None, trust_remote_code: bool = False,
                        require_head: bool = False, fresh: bool = False) -> PreTrainedModel:
-    """A sequence-classification model with one output: pretrained weights when `path` has them (a
-    causal LM's get a new score head), else, or when `fresh`, initialised from the `config.json` there.
-    Weights are read from safetensors only (a pickle can run code). `require_head`: the weights must
-    hold a trained score head (a reward model, not a base language model given a fresh head)."""
-    check_path(path, "model")
+    """A sequence-classification model with one output: the pretrained weights in `path` (a causal
+    LM's get a new score head; a directory without weights is refused), or, when `fresh`, initialised
+    from the `config.json` there. Weights are read from safetensors only (a pickle can run code).
+    `require_head`: the weights must hold a trained score head (a reward model, not a base language
+    model given a fresh head)."""
+    check_weights(path, "model", trust_remote_code, fresh=fresh)
     # safetensors only: a pytorch_model.bin is a pickle, and loading one can run code
     kwargs = {"num_labels": 1, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if dtype not in (None, "auto"):
         kwargs["dtype"] = getattr(torch, dtype)
-    if fresh or Path(path).is_dir() and not has_weights(path):
+    if fresh:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         config.num_labels = 1
         # A config may have more embedding rows than the tokenizer has tokens (Qwen2.5: 151,936 for
@@ -116,9 +268,9 @@ def build_reward_model(path: str, tokenizer, dtype: str | None = None, trust_rem
         config.pad_token_id = tokenizer.pad_token_id
         config.eos_token_id = tokenizer.eos_token_id
         config.bos_token_id = tokenizer.bos_token_id
-        model = AutoModelForSequenceClassification.from_config(config, dtype=kwargs.get("dtype"))
+        model = AutoModelForSequenceClassification.from_config(config, dtype=kwargs.get("dtype"),
+                                                               trust_remote_code=trust_remote_code)
     else:
-        check_safetensors(path)
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True,
                                                                              **kwargs)
@@ -137,9 +289,7 @@ def build_reward_model(path: str, tokenizer, dtype: str | None = None, trust_rem
 def load_reward_model(path: str, device: str | None = None, dtype: str | None = None,
                       trust_remote_code: bool = False):
     """A trained reward model and its tokenizer from a directory (a `make rm` output) or hub name."""
-    check_path(path, "reward model")
-    if Path(path).is_dir() and not has_weights(path):
-        raise UserError(f"{path}: no model weights (model.safetensors) in this directory")
+    check_reward_model(path, trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code)
     model = build_reward_model(path, tokenizer, dtype, trust_remote_code, require_head=True)
     score_head(model)  # fail now, not at the first batch, when there is no head to read
@@ -230,12 +380,11 @@ def normalization(model) -> tuple[float, float]:
 
 def check_reward_stats(path: str) -> None:
     """What `normalization` refuses, read from a directory's config.json without loading the model."""
-    import json
     from types import SimpleNamespace
 
     config = Path(path) / "config.json"
     if config.is_file():
-        values = json.loads(config.read_text())
+        values = read_json(config)
         normalization(SimpleNamespace(config=SimpleNamespace(_name_or_path=path, **{
             k: v for k, v in values.items() if k in ("reward_stats", "mean", "std")})))
 

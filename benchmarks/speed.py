@@ -97,7 +97,7 @@ def scoring(s: BenchSettings) -> dict:
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    model = build_reward_model("recipes/models/tiny-qwen2", tokenizer).eval()
+    model = build_reward_model("recipes/models/tiny-qwen2", tokenizer, fresh=True).eval()
     rows = generate_split("test_id", s.score_sequences // 2, 0)
     prompts = [r["prompt"] for r in rows] * 2
     responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]

@@ -50,7 +50,7 @@ def measure(opts):
     from aplot.config import parse_rm_recipe
     from aplot.data import load_train
     from aplot.lineage import tokenizer_path
-    from aplot.reward_model import build_reward_model, load_tokenizer
+    from aplot.reward_model import build_reward_model, has_weights, load_tokenizer
     from aplot.trainer import APLOTRewardTrainer
 
     n_pairs = opts.batch * (opts.steps + opts.warmup)
@@ -61,7 +61,8 @@ def measure(opts):
     tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or tokenizer_path(model_cfg.model_name_or_path))
     train, _ = load_train(data_cfg)
     torch.manual_seed(0)
-    base = build_reward_model(model_cfg.model_name_or_path, tokenizer)
+    path = model_cfg.model_name_or_path
+    base = build_reward_model(path, tokenizer, fresh=not has_weights(path))
 
     trainers = {}
     for loss_type in ("bt", "aplot"):

@@ -60,14 +60,22 @@ class BonConfig:
                 "replaced, the others kept); off, such a directory is refused."})
 
     def __post_init__(self):
-        from aplot.config import check_range
+        from aplot.config import MAX_BATCH, MAX_PAIRS, MAX_SEED, MAX_TOKENS, check_dtype, check_range
+        from aplot.reward_model import model_names
 
-        for key in ("n_prompts", "n_samples", "chunk_prompts", "score_batch_size", "max_new_tokens",
-                    "tensor_parallel_size"):
-            check_range(key, getattr(self, key), low=1)
+        for key, high in (("n_prompts", MAX_PAIRS), ("n_samples", MAX_BATCH), ("chunk_prompts", MAX_PAIRS),
+                          ("score_batch_size", MAX_BATCH), ("max_new_tokens", MAX_TOKENS),
+                          ("tensor_parallel_size", 1024)):
+            check_range(key, getattr(self, key), low=1, high=high)
         for key in ("max_length", "max_model_len"):
             if getattr(self, key) is not None:
-                check_range(key, getattr(self, key), low=1)
+                check_range(key, getattr(self, key), low=1, high=MAX_TOKENS)
+        if self.n_prompts * self.n_samples > MAX_PAIRS:
+            raise UserError(f"n_prompts x n_samples is {self.n_prompts * self.n_samples:,} responses, more than "
+                            f"{MAX_PAIRS:,}: sample fewer")
+        check_dtype(self.dtype)
+        for key in ("seed", "world_seed"):
+            check_range(key, getattr(self, key), low=0, high=MAX_SEED)
         if self.n_samples & (self.n_samples - 1):
             raise UserError(f"n_samples must be a power of two (the table reports n = 1, 2, 4, ...), "
                             f"got {self.n_samples}")
@@ -77,6 +85,7 @@ class BonConfig:
             raise UserError(f"backend {self.backend!r} is not one of vllm, transformers")
         if not self.reward_models:
             raise UserError("reward_models is empty: name at least one proxy reward model")
+        model_names(self.reward_models, reserved=("gold",))  # a model listed twice is refused here
 
 
 def load_prompts(cfg: BonConfig) -> list:
@@ -104,15 +113,24 @@ def best_of_n(cfg: BonConfig, state) -> dict:
     from tqdm.auto import tqdm
 
     from aplot import bon
+    from aplot.config import check_model_source
     from aplot.distributed import map_sharded
     from aplot.evaluation import write_atomic, write_json
     from aplot.lineage import policy_path
     from aplot.outputs import RunPlan
-    from aplot.reward_model import RewardScorer, check_reward_model, check_reward_stats, load_reward_model
+    from aplot.reward_model import (
+        RewardScorer,
+        check_reward_model,
+        check_reward_stats,
+        check_weights,
+        load_reward_model,
+        model_names,
+    )
 
+    check_model_source(cfg.policy_name_or_path, "policy", cfg.trust_remote_code)
     # The scorers are loaded only after sampling: check now what would make them fail then.
     for path in cfg.reward_models + ([cfg.gold] if cfg.gold != "embedded" else []):
-        check_reward_model(path)
+        check_reward_model(path, cfg.trust_remote_code)
     for path in cfg.reward_models if cfg.normalize_rewards else []:
         check_reward_stats(path)
     out = Path(cfg.output_dir)
@@ -127,6 +145,7 @@ def best_of_n(cfg: BonConfig, state) -> dict:
 
     with state.main_process_first():  # the other ranks then find the policy and the samples cached
         policy = policy_path(cfg.policy_name_or_path, cfg.lineage_dir)
+        check_weights(policy, "policy", cfg.trust_remote_code)
 
         # 1. Samples, cached per (prompt, sample index); the settings that made them are recorded.
         params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
@@ -156,7 +175,7 @@ def best_of_n(cfg: BonConfig, state) -> dict:
                                  # only when on, so caches made before the key existed stay valid
                                  **({"normalize_rewards": True} if cfg.normalize_rewards else {})})
     keys = [(i, j) for i in range(len(prompts)) for j in range(cfg.n_samples)]
-    scorers = {Path(p).name: p for p in cfg.reward_models}
+    scorers = model_names(cfg.reward_models, reserved=("gold",))  # a/rm and b/rm stay two proxies
     scorers["gold"] = cfg.gold
     for name, path in scorers.items():
         missing = [k for k in keys if (name, *k) not in scores]
@@ -254,4 +273,4 @@ def to_csv(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    run_pipeline(main)
+    run_pipeline(main, resume="")

@@ -31,11 +31,14 @@ class EvalConfig:
         "help": "Score (r - mean) / std with the reward stats `make rm` wrote into each model's config.json."})
 
     def __post_init__(self):  # here, not in main(): the message then names the recipe
-        from aplot.config import check_range
+        from aplot.config import MAX_BATCH, MAX_TOKENS, check_dtype, check_range
+        from aplot.reward_model import model_names
 
-        check_range("batch_size", self.batch_size, low=1)
+        check_range("batch_size", self.batch_size, low=1, high=MAX_BATCH)
         if self.max_length is not None:
-            check_range("max_length", self.max_length, low=1)
+            check_range("max_length", self.max_length, low=1, high=MAX_TOKENS)
+        check_dtype(self.dtype)
+        model_names(self.reward_models)  # a model listed twice is refused here
 
 
 def main(argv=None) -> dict:
@@ -57,14 +60,20 @@ def evaluate(data_cfg, cfg) -> dict:
         write_json,
     )
     from aplot.outputs import RunPlan
-    from aplot.reward_model import RewardScorer, check_reward_model, check_reward_stats, load_reward_model
+    from aplot.reward_model import (
+        RewardScorer,
+        check_reward_model,
+        check_reward_stats,
+        load_reward_model,
+        model_names,
+    )
 
     if not cfg.reward_models:
         raise UserError("reward_models is empty: name at least one reward-model directory")
     # Every input is checked before the first model is scored; the output directory too: it is this
     # stage's own (never a reward model's, whose metrics.json it would overwrite).
     for path in cfg.reward_models:
-        check_reward_model(path)
+        check_reward_model(path, cfg.trust_remote_code)
         if cfg.normalize_rewards:
             check_reward_stats(path)
     eval_sets = load_eval_sets(data_cfg)
@@ -74,13 +83,12 @@ def evaluate(data_cfg, cfg) -> dict:
                    inputs={"reward_models": cfg.reward_models}, overwrite=cfg.overwrite_output_dir)
 
     scorers = {}
-    for path in cfg.reward_models:
+    for name, path in model_names(cfg.reward_models).items():  # a/rm and b/rm stay two rows
         model, tokenizer = load_reward_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         # as_chat renders string pairs as chat turns for every model (a hub reward model records nothing);
         # unset, each model reads texts as it was trained to (its config's record).
-        scorers[Path(path).name or path] = RewardScorer(model, tokenizer, cfg.batch_size, cfg.max_length,
-                                                        normalize=cfg.normalize_rewards,
-                                                        chat=True if data_cfg.as_chat else None)
+        scorers[name] = RewardScorer(model, tokenizer, cfg.batch_size, cfg.max_length,
+                                     normalize=cfg.normalize_rewards, chat=True if data_cfg.as_chat else None)
     results, rewards = evaluate_reward_models(scorers, eval_sets)
 
     work = plan.prepare()  # written aside, then swapped in: out never holds half of two evaluations

@@ -34,6 +34,7 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     from aplot import lineage
+    from aplot.config import check_model_source
     from aplot.data import load_prompts
     from aplot.evaluation import write_json
     from aplot.outputs import STAGING, RunPlan, publish_model
@@ -45,13 +46,15 @@ def run(args) -> dict:
         rendering_mismatch,
         same_tokenizer,
     )
-    from aplot.reward_model import RewardScorer, check_path, load_reward_model, load_tokenizer
+    from aplot.reward_model import RewardScorer, check_reward_model, check_weights, load_reward_model, load_tokenizer
 
     out = Path(args.output_dir)
-    for path, what in ((args.reward_model_path, "reward model"), (args.gold, "gold reward model"),
-                       (args.value_model_path, "value model")):
-        if path not in (None, "embedded"):
-            check_path(path, what)
+    check_model_source(args.sft_model_path, "policy", args.trust_remote_code)
+    for path in (args.reward_model_path, args.gold):
+        if path != "embedded":
+            check_reward_model(path, args.trust_remote_code)
+    if args.value_model_path is not None:
+        check_weights(args.value_model_path, "value model", args.trust_remote_code)
     prompts = load_prompts(args.prompt_dataset, args.prompt_split, args.n_prompts, args.prompt_format,
                            args.prompt_config, args.prompt_columns, args.world_seed)
     eval_prompts = load_prompts(args.prompt_dataset, args.eval_prompt_split, args.n_eval_prompts, args.prompt_format,
@@ -63,10 +66,14 @@ def run(args) -> dict:
                    overwrite=args.overwrite_output_dir,
                    inputs={key: getattr(args, key) for key in ("sft_model_path", "reward_model_path",
                                                                 "value_model_path", "gold")})
+    if plan.checkpoint is not None:  # a resumed run loads its policy and value model from the checkpoint
+        for path in (plan.checkpoint, plan.checkpoint / "value_model"):
+            check_weights(str(path), "checkpoint", args.trust_remote_code)
     work = plan.work  # the run writes everything here (checkpoints too); publish() swaps it into out
 
     # Every model and tokenizer is loaded, and the pair checked, before the first update.
     policy_path = lineage.policy_path(args.sft_model_path, args.lineage_dir)
+    check_weights(policy_path, "policy", args.trust_remote_code)
     tokenizer = load_tokenizer(policy_path, args.trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # PPO finds the end of each response by its padding, so padding must not look like eos.
@@ -109,7 +116,7 @@ def run(args) -> dict:
     args.total_episodes = (total - done) * batch
 
     set_seed(args.seed)  # before any fresh weights (a value head started from the policy) are made
-    load = {"trust_remote_code": args.trust_remote_code}
+    load = {"trust_remote_code": args.trust_remote_code, "use_safetensors": True}
     if args.dtype not in (None, "auto"):
         load["dtype"] = getattr(torch, args.dtype)
     start_path = str(checkpoint) if checkpoint else policy_path
@@ -139,10 +146,10 @@ def run(args) -> dict:
     gold_eval.set_trainer(trainer, eval_ids)
     if checkpoint is not None:
         if (checkpoint / "optimizer.pt").exists():
-            trainer.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+            trainer.optimizer.load_state_dict(load_state(checkpoint / "optimizer.pt"))
         else:  # DeepSpeed keeps its optimizer state in its own format: the optimizer starts afresh
             print(f"{checkpoint}: no optimizer.pt (a DeepSpeed checkpoint); the optimizer state restarts")
-        trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        trainer.lr_scheduler.load_state_dict(load_state(checkpoint / "scheduler.pt"))
 
     started = time.perf_counter()
     if done < total:
@@ -180,6 +187,20 @@ def run(args) -> dict:
         print(f"{total} PPO updates in {seconds:.0f} s; wrote {out}/ (model.safetensors, metrics.json, "
               "gold_curve.json, gold_vs_kl.png)")
     return metrics
+
+
+def load_state(path: Path) -> dict:
+    """An optimizer or scheduler state of a checkpoint: Trainer's own pickle format, read with torch's
+    restricted unpickler (tensors and plain containers only); one that holds anything else is refused."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a state this stage reads (tensors and plain values only): {reason}") from None
 
 
 def encode_prompts(tokenizer, prompts, max_length):
@@ -222,4 +243,4 @@ def run_settings(args) -> dict:
 
 
 if __name__ == "__main__":
-    run_pipeline(main)
+    run_pipeline(main, resume="--resume true")

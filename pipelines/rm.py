@@ -29,7 +29,7 @@ def run(data_cfg, args, model_cfg) -> dict:
     from trl import get_peft_config
 
     from aplot import lineage
-    from aplot.config import run_settings
+    from aplot.config import check_model_source, run_settings
     from aplot.data import load_eval_sets, load_train
     from aplot.data.formats import as_pairs
     from aplot.distributed import zero3_init_disabled
@@ -46,16 +46,14 @@ def run(data_cfg, args, model_cfg) -> dict:
         CHAT_KEY,
         RewardScorer,
         build_reward_model,
-        check_path,
+        check_weights,
         load_reward_model,
         load_tokenizer,
         tokenize_pairs,
     )
     from aplot.trainer import APLOTRewardTrainer
 
-    if not model_cfg.model_name_or_path:
-        raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
-    check_path(model_cfg.model_name_or_path, "model")
+    check_model_source(model_cfg.model_name_or_path, "model", args.trust_remote_code, model_cfg.init_from)
     out = Path(args.output_dir)
     check_writable(out)
 
@@ -78,6 +76,8 @@ def run(data_cfg, args, model_cfg) -> dict:
                    results=RESULTS, stage="rm", overwrite=args.overwrite_output_dir,
                    inputs={"model_name_or_path": [model_cfg.model_name_or_path, init_path],
                            "tokenizer_name_or_path": data_cfg.tokenizer_name_or_path})
+    if plan.checkpoint is not None:  # resumed weights are held to the same loading policy as any others
+        check_weights(str(plan.checkpoint), "checkpoint", args.trust_remote_code)
     work = plan.work  # the run writes everything here (checkpoints too); publish() swaps it into out
     args.output_dir = str(work)
 
@@ -200,4 +200,4 @@ def check_writable(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_pipeline(main)
+    run_pipeline(main, resume="--resume true")

@@ -38,7 +38,7 @@ def main(out):
     world_size, rank = state.num_processes, state.process_index
     tok = world.build_tokenizer()
     torch.manual_seed(0)  # the same initial weights on every rank and in every run
-    model = build_reward_model("recipes/models/tiny-qwen2", tok).eval()
+    model = build_reward_model("recipes/models/tiny-qwen2", tok, fresh=True).eval()
     args = APLOTConfig(output_dir="/tmp/dist-margins", report_to="none", bf16=False, disable_tqdm=True,
                        per_device_train_batch_size=GLOBAL_PAIRS // world_size, max_length=128,
                        # one padded width for every slice: the rewards then match to rounding

@@ -3,6 +3,7 @@ output directory fails with the one line the user sees (asserted word for word),
 leaves what an earlier run wrote in the output directory untouched."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,8 @@ def fails_with(main, argv, expected, out):
         assert snapshot(out) == before
 
 
-# (case, recipe text appended to the tiny recipe (later keys win), command-line flags, message)
+# (case, recipe text appended to the tiny recipe (the keys it sets taken out of it first: a key given twice is
+# refused), command-line flags, message)
 RM_CASES = [
     ("unknown key", "gama: 0.2\n", [],
      "{recipe}: unknown key 'gama' (did you mean: gamma, adam_beta2, adam_beta1?)"),
@@ -143,7 +145,8 @@ def test_rm_refuses_bad_input_in_one_line(tmp_path, data, case, text, flags, exp
     shutil.copy("recipes/models/tiny-qwen2/config.json", tmp_path / "no_tokenizer")
     (tmp_path / "a_file").write_text("not a directory")
     out = tmp_path / "out"
-    base = yaml.safe_dump({**RM_BASE, "output_dir": str(out)})
+    given = set(re.findall(r"^(\w+):", text, re.M))
+    base = yaml.safe_dump({k: v for k, v in {**RM_BASE, "output_dir": str(out)}.items() if k not in given})
     fields = {"tmp": tmp_path, "data": data, "line1": base.count("\n") + 1, "line2": base.count("\n") + 2}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(base + text.format(**fields))

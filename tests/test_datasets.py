@@ -97,7 +97,8 @@ def test_real_recipes_parse_and_map_onto_the_fixture_of_each_dataset(recipe):
 def test_missing_column_names_file_column_and_existing_columns(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "answer": "a"}\n')
-    recipe = write_recipe(tmp_path / "r.yaml", dataset_name=str(bad), eval_splits=[], output_dir=str(tmp_path / "o"))
+    recipe = write_recipe(tmp_path / "r.yaml", dataset_name=str(bad), eval_splits=[], eval_strategy="no",
+                          output_dir=str(tmp_path / "o"))
     with pytest.raises(UserError) as err:
         rm.main(["--config", recipe])
     assert str(err.value) == f"{bad}: missing column 'chosen'; columns are prompt, answer"

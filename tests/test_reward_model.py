@@ -14,7 +14,7 @@ pytestmark = pytest.mark.core
 def tiny():
     torch.manual_seed(0)
     tok = world.build_tokenizer()
-    return build_reward_model("recipes/models/tiny-qwen2", tok).eval(), tok
+    return build_reward_model("recipes/models/tiny-qwen2", tok, fresh=True).eval(), tok
 
 
 def test_built_model_has_one_output_and_head_dim_vllm_accepts(tiny):

@@ -335,7 +335,7 @@ def tiny_rm(tmp_path_factory):
     path = tmp_path_factory.mktemp("rm") / "tiny"
     torch.manual_seed(0)
     tokenizer = world.build_tokenizer()
-    build_reward_model("recipes/models/tiny-qwen2", tokenizer).save_pretrained(path)
+    build_reward_model("recipes/models/tiny-qwen2", tokenizer, fresh=True).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

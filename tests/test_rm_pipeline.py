@@ -59,7 +59,7 @@ def test_margin_loss_without_margin_fails_before_training(tmp_path):
 def make_trainer(tmp_path, loss_type="aplot", **kwargs):
     tok = world.build_tokenizer()
     torch.manual_seed(0)
-    model = build_reward_model("recipes/models/tiny-qwen2", tok)
+    model = build_reward_model("recipes/models/tiny-qwen2", tok, fresh=True)
     args = APLOTConfig(output_dir=str(tmp_path), loss_type=loss_type, per_device_train_batch_size=8,
                        report_to="none", bf16=False, max_steps=2, disable_tqdm=True, **kwargs)
     data = Dataset.from_list(world.generate_split("train", 16, seed=0))

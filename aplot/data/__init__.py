@@ -63,17 +63,26 @@ def load_raw(name: str, config: str | None, split: str) -> tuple[Dataset, str]:
     """Rows of a local file (the whole file, whatever the split), a local dataset directory or a hub
     dataset; the label names it in messages."""
     path = Path(name).expanduser()
-    if path.suffix in FILE_FORMATS:
-        if not path.is_file():
+    suffix = path.suffix.lower()  # prefs.JSONL is a JSON lines file too
+    if path.is_dir():
+        label, args, kwargs = f"{name}[{split}]", (str(path), config), {"split": split}
+    elif suffix in FILE_FORMATS:
+        if not path.exists():
             raise UserError(f"dataset file does not exist: {name}")
+        if not path.is_file():
+            raise UserError(f"{name}: not a regular file")
         if path.stat().st_size == 0:
             raise UserError(f"{name}: the file is empty")
-        if path.suffix != ".parquet":
-            check_text_file(path, name)
-        label, args = name, (FILE_FORMATS[path.suffix],)
+        if suffix != ".parquet":
+            try:
+                check_text_file(path, name)
+            except OSError as err:
+                raise UserError(f"{name}: cannot be read ({err.strerror})") from None
+        label, args = name, (FILE_FORMATS[suffix],)
         kwargs = {"data_files": str(path), "split": "train"}
-    elif path.is_dir():
-        label, args, kwargs = f"{name}[{split}]", (str(path), config), {"split": split}
+    elif path.is_file():
+        raise UserError(f"{name}: a file of a kind this loader does not read; name a "
+                        f"{', '.join(sorted(FILE_FORMATS))} file or a dataset directory")
     elif name.startswith((".", "/", "~")) or path.suffix:
         raise UserError(f"dataset path does not exist: {name}")
     else:
@@ -96,10 +105,11 @@ def check_text_file(path: Path, name: str) -> None:
             except UnicodeDecodeError as err:
                 raise UserError(f"{name}: line {number} is not UTF-8 (byte 0x{raw[err.start]:02x} at column "
                                 f"{err.start + 1})") from None
-    if path.suffix == ".csv":
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
         return _check_csv(path, name)
     text_start = path.read_bytes()[:4096].lstrip()
-    if path.suffix == ".json" and text_start.startswith(b"["):  # one JSON document, a list of rows
+    if suffix == ".json" and text_start.startswith(b"["):  # one JSON document, a list of rows
         text = path.read_text(encoding="utf-8")
         try:
             rows = json.loads(text)
@@ -120,7 +130,7 @@ def check_text_file(path: Path, name: str) -> None:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                if number == 1 and path.suffix == ".json":
+                if number == 1 and suffix == ".json":
                     return None  # one JSON document over several lines: datasets reads or names it
                 if not raw.endswith(b"\n"):
                     raise UserError(f"{name}: line {number} ends mid-row: the file looks truncated") from None
@@ -173,10 +183,13 @@ def load_prompts(path: str, split: str, n: int, fmt: str = "explicit", config: s
         source = {"path": path, "config": config, "split": split, "format": fmt, "columns": columns}
         pairs, _ = load_source(source, DataConfig())
         seen, prompts = set(), []
-        for p in pairs["prompt"]:
-            if repr(p) not in seen:
+        for p in pairs["prompt"] if "prompt" in pairs.column_names else []:
+            if p and repr(p) not in seen:  # explicit rows without a prompt column get empty ones
                 seen.add(repr(p))
                 prompts.append(p)
+        if not prompts:
+            raise UserError(f"{path}: no prompts to sample responses for (no prompt column, or only empty "
+                            "prompts); name the column with prompt_columns: {prompt: <column>}")
     if len(prompts) < n:
         raise UserError(f"{path}: only {len(prompts)} distinct prompts in split {split!r}, {n} asked for")
     return prompts[:n]

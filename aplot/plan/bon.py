@@ -18,17 +18,18 @@ VLLM_GPU_MEMORY_UTILIZATION = 0.9
 
 
 def plan_bon(plan: Plan, argv: list[str], opts) -> None:
-    from aplot.config import RecipeParser
+    from aplot.config import RecipeParser, check_model_source
     from aplot.outputs import check_output_dir
+    from aplot.reward_model import model_names
     from pipelines.bon import BonConfig
 
     with resolving_for_the_gpu_machine():
         (cfg,) = RecipeParser((BonConfig,)).parse_recipe(argv)
+    check_model_source(cfg.policy_name_or_path, "policy", cfg.trust_remote_code)  # as make bon checks it
     scorers = {}
     tokenizers = {}
-    for path in cfg.reward_models:
-        scorers[Path(path).name], tokenizers[Path(path).name] = reward_model_shape(
-            f"proxy {Path(path).name}", path, cfg.dtype, cfg.trust_remote_code)
+    for name, path in model_names(cfg.reward_models, reserved=("gold",)).items():
+        scorers[name], tokenizers[name] = reward_model_shape(f"proxy {name}", path, cfg.dtype, cfg.trust_remote_code)
     if cfg.gold != "embedded":
         scorers["gold"], _ = reward_model_shape("gold", cfg.gold, cfg.dtype, cfg.trust_remote_code)
     check_output_dir(Path(cfg.output_dir))

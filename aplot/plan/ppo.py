@@ -19,7 +19,7 @@ MARKS = {"sft_model_path", "reward_model_path", "total_episodes", "response_leng
 
 
 def plan_ppo(plan: Plan, argv: list[str], opts) -> None:
-    from aplot.config import RecipeParser
+    from aplot.config import RecipeParser, check_model_source
     from aplot.outputs import check_output_dir
     from aplot.ppo import APLOTPPOConfig
 
@@ -29,6 +29,7 @@ def plan_ppo(plan: Plan, argv: list[str], opts) -> None:
         deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if os.environ.get(
             "ACCELERATE_USE_DEEPSPEED") == "true" else None
     check_output_dir(Path(args.output_dir))
+    check_model_source(args.sft_model_path, "policy", args.trust_remote_code)  # as make ppo checks it
     zero = zero_config(deepspeed)
     stage3 = int((zero or {}).get("stage", 0)) == 3
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from aplot.errors import UserError
 from aplot.plan.base import Plan, fits, resolving_for_the_gpu_machine
 from aplot.plan.memory import activation_bytes, model_states_bytes, training_advice, zero_config
 from aplot.plan.shapes import describe, resolve_model
@@ -27,17 +26,14 @@ def trainer_steps(pairs: int, per_device: int, accumulation: int, processes: int
 
 
 def plan_rm(plan: Plan, argv: list[str], opts) -> None:
-    from aplot.config import parse_rm_recipe
+    from aplot.config import check_model_source, parse_rm_recipe
     from aplot.outputs import check_output_dir
-    from aplot.reward_model import check_path
 
     with resolving_for_the_gpu_machine():
         data_cfg, args, model_cfg = parse_rm_recipe(argv)
         zero = zero_config(args.hf_deepspeed_config.config if args.deepspeed else None)
     # The checks `make rm` makes before any work, in its order and words.
-    if not model_cfg.model_name_or_path:
-        raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
-    check_path(model_cfg.model_name_or_path, "model")
+    check_model_source(model_cfg.model_name_or_path, "model", args.trust_remote_code, model_cfg.init_from)
     check_output_dir(Path(args.output_dir))
 
     world, pd, ga = plan.processes, args.per_device_train_batch_size, args.gradient_accumulation_steps

@@ -189,7 +189,7 @@ def reward_model_shape(role: str, path: str, dtype: str | None, trust_remote_cod
     from aplot.reward_model import check_path, check_reward_model
 
     if Path(path).is_dir():
-        check_reward_model(path)
+        check_reward_model(path, trust_remote_code)
         return resolve_model(role, path, "score", dtype, trust_remote_code=trust_remote_code)
     if is_hub_id(path):
         return resolve_model(role, path, "score", dtype, trust_remote_code=trust_remote_code)
