@@ -219,6 +219,7 @@ def test_rm_refuses_a_pickle_only_checkpoint_to_resume(tmp_path, models):
     for name in ("config.json", "pytorch_model.bin"):
         shutil.copy(Path(models["pickled"]) / name, checkpoint)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    (out / ".aplot.json").write_text('{"stage": "rm", "files": []}')  # an earlier rm run's directory
     before = snapshot(out)
     recipe, _ = rm_recipe(tmp_path, out)
     with pytest.raises(UserError) as err:
@@ -238,6 +239,7 @@ def test_rm_refuses_a_checkpoint_state_that_is_more_than_tensors(tmp_path, model
     shutil.copytree(models["rm"], checkpoint)
     torch.save({"state": {}, "param_groups": [], "path": Path("anything")}, checkpoint / "optimizer.pt")
     (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    (out / ".aplot.json").write_text('{"stage": "rm", "files": []}')  # an earlier rm run's directory
     before = snapshot(out)
     recipe, _ = rm_recipe(tmp_path, out)
     with pytest.raises(UserError) as err:
@@ -386,6 +388,7 @@ def test_ppo_refuses_a_pickle_only_policy_and_checkpoint(tmp_path, models):
     shutil.copytree(models["rm"], checkpoint / "value_model")
     (checkpoint / "trainer_state.json").write_text('{"global_step": 8}')
     (checkpoint / "gold_history.json").write_text("[]")
+    (out / ".aplot.json").write_text('{"stage": "ppo", "files": []}')  # an earlier ppo run's directory
     before = snapshot(out)
     with pytest.raises(UserError) as err:
         ppo.main(ppo_argv(tmp_path, models, output_dir=out))

@@ -45,8 +45,11 @@ def published(out):
 
 def with_recipe(tmp_path, text, argv):
     """`argv` with the embedded recipe plus `text` (keys a command line cannot give, such as an empty list)."""
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(Path("recipes/rm/embedded.yaml").read_text() + text)
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"  # keys given twice are refused: `text` replaces the recipe's own
+    keys = {**yaml.safe_load(Path("recipes/rm/embedded.yaml").read_text()), **yaml.safe_load(text)}
+    recipe.write_text(yaml.safe_dump(keys))
     return [str(recipe) if a == "recipes/rm/embedded.yaml" else a for a in argv]
 
 
