@@ -78,8 +78,9 @@ def spoken_recipe(path, tiny_policy, **overrides) -> str:
               "eval_splits": ["test_id", "test_ood"], "spoken_policy": preset, "spoken_lineage_dir": lineage_dir,
               "spoken_backend": "transformers", "spoken_samples": 4, "spoken_max_new_tokens": 16,
               "spoken_chunk_prompts": 1, "spoken_dir": str(Path(path) / "spoken"), "model_name_or_path": preset,
-              "output_dir": str(Path(path) / "rm"), "report_to": "none", **overrides}
+              "output_dir": str(Path(path) / "rm"), "report_to": "none", "bf16": False, **overrides}
     file = Path(path) / "recipe.yaml"
+    file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(yaml.safe_dump(recipe))
     return str(file)
 
@@ -100,6 +101,7 @@ def built_rows(recipe, **overrides):
     return train, load_eval_sets(data_cfg), counts
 
 
+@pytest.mark.slow
 def test_spoken_build_resumes_after_sigkill_to_identical_rows_labelled_by_the_gold(tmp_path, tiny_policy):
     whole = build(spoken_recipe(tmp_path / "whole", tiny_policy))
     assert whole.wait() == 0, whole.stderr.read().decode()[-2000:]
@@ -151,7 +153,9 @@ def test_spoken_build_resumes_after_sigkill_to_identical_rows_labelled_by_the_go
             assert chosen == responses[(split, row["prompt_index"], row["chosen_sample"])]
             assert rejected == responses[(split, row["prompt_index"], row["rejected_sample"])]
             gap = gold_by_hand(request, chosen) - gold_by_hand(request, rejected)
-            assert gap > 0 and gap == pytest.approx(row["gold_gap"])
+            assert gap > 0 and gap == pytest.approx(row["gold_gap"], abs=1e-6)
+            assert (row["chosen_gold"], row["rejected_gold"]) == pytest.approx(
+                (gold_by_hand(request, chosen), gold_by_hand(request, rejected)))
             assert gap <= 0.55 if row["difficulty"] == "hard" else gap >= 0.6
     prompts = {s: {r[0]["content"] for r in d["prompt"]} for s, d in pairs.items()}
     assert not prompts["train"] & prompts["test_id"] and not prompts["train"] & prompts["test_ood"]
