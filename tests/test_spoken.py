@@ -256,3 +256,26 @@ def test_ot_embedder_on_the_real_minilm(tmp_path):
     encoder = model_path("minilm-l6", "sft", "outputs/lineage")  # imported by make test (real-checkpoints)
     emb_c, _ = ot_embedder_margin_case(tmp_path, encoder)
     assert emb_c.shape[1] == 384
+
+
+@pytest.mark.slow
+def test_make_rm_trains_on_the_spoken_world_through_a_recipe(tmp_path, tiny_policy):
+    from pipelines import rm
+
+    recipe = spoken_recipe(tmp_path, tiny_policy, n_train=16, n_eval=8, max_steps=2, per_device_train_batch_size=8,
+                           per_device_eval_batch_size=8, eval_strategy="no", save_strategy="no", init_from="scratch",
+                           lineage_dir=tiny_policy[1], ot_embedder=tiny_bert(tmp_path / "bert"), disable_tqdm=True)
+    metrics = rm.main(["--config", recipe])
+    assert metrics["train_steps"] == 2 and metrics["train_pairs"] == 16
+    assert metrics["data"]["train"]["spoken"]["hard"] + metrics["data"]["train"]["spoken"]["easy"] == 16
+    assert {"test_id", "test_ood"} <= set(metrics["eval"])
+    settings = json.loads((tmp_path / "rm" / "run_settings.json").read_text())
+    assert settings["spoken_policy"] == tiny_policy[0] and settings["ot_embedder"] == str(tmp_path / "bert")
+
+
+def test_bon_and_ppo_prompts_of_the_spoken_world_need_no_samples():
+    from aplot.data import load_prompts
+
+    prompts = load_prompts("spoken", "test_id", 5, "conversational")
+    assert prompts == [spoken.chat_prompt(r) for r in spoken.first_requests("test_id", 0, 5)]
+    assert world.gold_reward(prompts[0], " ".join(spoken.parse_request(prompts[0][0]["content"]).required)) == 1.0
