@@ -169,13 +169,22 @@ def test_spoken_build_resumes_after_sigkill_to_identical_rows_labelled_by_the_go
         assert gold_by_hand(request, row["chosen"][0]["content"]) < gold_by_hand(request, row["rejected"][0]["content"])
 
 
-def test_other_sampling_settings_build_aside(tmp_path, tiny_policy):
+def test_other_sampling_settings_build_aside_and_bad_ones_fail_in_one_line(tmp_path):
     from aplot.config import parse_rm_recipe
 
-    recipe = spoken_recipe(tmp_path, tiny_policy)
+    recipe = spoken_recipe(tmp_path, (make_preset(tmp_path), str(tmp_path / "lineage")))  # nothing is sampled
     first = spoken.SpokenWorld(parse_rm_recipe(["--config", recipe])[0]).dir
     other = spoken.SpokenWorld(parse_rm_recipe(["--config", recipe, "--spoken_temperature", "0.7"])[0]).dir
     assert first != other and first.parent == other.parent
+    from aplot.errors import UserError
+
+    for key, value, message in (("spoken_backend", "hf", "spoken_backend 'hf' is not one of vllm, transformers"),
+                                ("spoken_samples", "1", "spoken_samples must be >= 2"),
+                                ("spoken_policy", "./no/such/policy", "spoken_policy path does not exist")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            spoken.SpokenWorld(parse_rm_recipe(["--config", recipe, f"--{key}", value])[0])
+    assert not (tmp_path / "spoken").exists() or {p.name for p in (tmp_path / "spoken").iterdir()} == {first.name,
+                                                                                                   other.name}
 
 
 def tiny_bert(path) -> str:
