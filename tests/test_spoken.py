@@ -288,3 +288,21 @@ def test_bon_and_ppo_prompts_of_the_spoken_world_need_no_samples():
     prompts = load_prompts("spoken", "test_id", 5, "conversational")
     assert prompts == [spoken.chat_prompt(r) for r in spoken.first_requests("test_id", 0, 5)]
     assert world.gold_reward(prompts[0], " ".join(spoken.parse_request(prompts[0][0]["content"]).required)) == 1.0
+
+
+@pytest.mark.slow
+def test_vllm_backend_builds_pairs_labelled_by_the_gold_and_a_rerun_reads_the_cache(tmp_path, tiny_policy):
+    recipe = spoken_recipe(tmp_path, tiny_policy, spoken_backend="vllm", n_train=8, n_eval=4,
+                           spoken_chunk_prompts=8)
+    first = build(recipe)
+    assert first.wait() == 0, first.stderr.read().decode()[-2000:]
+    samples = next(iter((tmp_path / "spoken").glob("*/samples.jsonl")))
+    before = samples.read_bytes()
+    train, evals, _ = built_rows(recipe)  # in this process: every sample is cached, no engine starts
+    assert samples.read_bytes() == before
+    for dataset in [train, *(d for d, _ in evals.values())]:
+        for row in dataset:
+            request = row["prompt"][0]["content"]
+            assert gold_by_hand(request, row["chosen"][0]["content"]) - gold_by_hand(
+                request, row["rejected"][0]["content"]) == pytest.approx(row["gold_gap"], abs=1e-6)
+    assert json.loads((samples.parent / "spoken.json").read_text())["settings"]["backend"] == "vllm"
