@@ -64,6 +64,21 @@ class DataConfig:
         "help": "Also score this many training pairs, with the labels trained on, at each eval step "
                 "(logged as eval_train_accuracy beside the held-out set's eval_<split>_accuracy): the gap "
                 "between the two curves shows over-fitting. 0: the held-out curve alone."})
+    # The spoken world (dataset_name: spoken, aplot/data/spoken.py): the world's task asked of a real policy.
+    spoken_policy: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "Spoken world: the policy whose samples make the pairs (a model preset, directory or hub id)."})
+    spoken_backend: str = field(default="vllm", metadata={"help": "Spoken world: 'vllm' or 'transformers'."})
+    spoken_samples: int = field(default=8, metadata={"help": "Spoken world: samples per prompt (>= 2)."})
+    spoken_temperature: float = field(default=1.0, metadata={"help": "Spoken world: sampling temperature."})
+    spoken_top_p: float = field(default=0.95, metadata={"help": "Spoken world: nucleus sampling mass."})
+    spoken_max_new_tokens: int = field(default=64, metadata={"help": "Spoken world: longest response in tokens."})
+    spoken_seed: int = field(default=0, metadata={"help": "Spoken world: sampling seed (one per prompt from it)."})
+    spoken_chunk_prompts: int = field(default=16, metadata={
+        "help": "Spoken world: prompts per sampling chunk (what a kill can lose)."})
+    spoken_dir: str = field(default="outputs/spoken", metadata={
+        "help": "Spoken world: where it is built, one directory per policy and sampling settings."})
+    spoken_lineage_dir: str = field(default="outputs/lineage", metadata={
+        "help": "Spoken world: where a preset policy is built or imported."})
 
     def __post_init__(self):
         check_range("n_train", self.n_train, low=1, high=MAX_PAIRS)
@@ -170,6 +185,10 @@ class APLOTConfig(RewardConfig):
     ot_hidden: str = field(default="last_token", metadata={
         "help": "Hidden state for the semantic cost: 'last_token' (what a decoder's score head "
                 "reads) or 'first_token' (encoder models)."})
+    ot_embedder: str | None = field(default=None, metadata={
+        "help": "A frozen sentence encoder (directory or preset, e.g. minilm-l6) whose mean-pooled, normalised "
+                "embeddings of the chosen and rejected responses give the semantic cost instead of the reward "
+                "model's own hidden state; unset (the default), the hidden state."})
     ot_scope: str = field(default="global", metadata={
         "help": "'global': one plan over the batch of all ranks; 'local': one plan per rank."})
     resume: bool = field(default=True, metadata={
@@ -437,11 +456,18 @@ RUN_TRAINING_KEYS = ("loss_type", "gamma", "epsilon", "sinkhorn_iters", "margin_
                      "num_train_epochs", "max_steps", "seed", "max_length", "center_rewards_coefficient")
 
 
+SPOKEN_KEYS = ("spoken_policy", "spoken_backend", "spoken_samples", "spoken_temperature", "spoken_top_p",
+               "spoken_max_new_tokens", "spoken_seed")
+
+
 def run_settings(data_cfg, args, model_cfg) -> dict:
     return {**{k: getattr(data_cfg, k) for k in RUN_DATA_KEYS},
             **{k: getattr(args, k, None) for k in RUN_TRAINING_KEYS},
             "model_name_or_path": model_cfg.model_name_or_path, "init_from": model_cfg.init_from,
             "use_peft": model_cfg.use_peft,
+            # only when in use, so the settings of runs made before these keys existed stay valid
+            **({k: getattr(data_cfg, k) for k in SPOKEN_KEYS} if data_cfg.dataset_name == "spoken" else {}),
+            **({"ot_embedder": args.ot_embedder} if getattr(args, "ot_embedder", None) else {}),
             "processes": args.world_size}
 
 

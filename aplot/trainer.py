@@ -1,8 +1,9 @@
 """APLOTRewardTrainer: TRL's RewardTrainer with the margin of `loss_type` in its loss.
 
 Only `compute_loss` changes. The hidden state the score head reads is captured by a hook during
-the one forward pass; under data parallelism rewards and hidden states are gathered (detached)
-so one transport plan is solved over the global batch and each rank keeps its slice of margins.
+the one forward pass (with `ot_embedder`, a frozen sentence encoder's embeddings of the response texts
+stand in for it); under data parallelism rewards and hidden states are gathered (detached) so one
+transport plan is solved over the global batch and each rank keeps its slice of margins.
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ class APLOTRewardTrainer(RewardTrainer):
         self.score_input = ScoreInputCapture(unwrapped)
         self.pad_token_id = unwrapped.config.pad_token_id
         self.eval_prefix = "eval"
+        self.embedder, self.response_of = None, {}
+        if args.ot_embedder and args.loss_type in ("point", "aplot"):
+            from aplot.embedder import SentenceEmbedder, response_text
+
+            self.embedder = SentenceEmbedder(args.ot_embedder)
+            # A collated batch holds token ids only: each sequence finds its response text by its ids.
+            evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+            for dataset in [self.train_dataset, *evals]:
+                for side in ("chosen", "rejected") if dataset is not None else ():
+                    for ids, response in zip(dataset[f"{side}_ids"], dataset[side]):
+                        self.response_of[tuple(ids)] = response_text(response)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         # Transformers evaluates a dict of eval sets one by one as `eval_<name>`; TRL's `log` would file
@@ -68,7 +80,7 @@ class APLOTRewardTrainer(RewardTrainer):
             if margin is None:
                 raise UserError("loss_type=margin needs margin_value or a `margin` column in the dataset")
         elif args.loss_type in ("point", "aplot"):
-            hidden = self.score_input.pooled(inputs["input_ids"], self.pad_token_id, args.ot_hidden)
+            hidden = self.semantic_states(inputs)
             margin = self.adaptive_margin(chosen.detach(), rejected.detach(), *hidden.detach().chunk(2), mode)
         loss = objective.preference_loss(chosen, rejected, margin,
                                          args.label_smoothing if args.loss_type == "label_smoothing" else 0.0)
@@ -78,6 +90,15 @@ class APLOTRewardTrainer(RewardTrainer):
         with torch.no_grad():
             self.log_batch_metrics(mode, inputs, rewards, chosen, rejected, margin)
         return (loss, outputs) if return_outputs else loss
+
+    def semantic_states(self, inputs):
+        """What the semantic cost compares, one row per sequence (chosen, then rejected): the frozen
+        encoder's embeddings of the response texts (`ot_embedder`), else the state the score head read."""
+        if self.embedder is None:
+            return self.score_input.pooled(inputs["input_ids"], self.pad_token_id, self.args.ot_hidden)
+        texts = [self.response_of[tuple(ids[mask.bool()].tolist())]
+                 for ids, mask in zip(inputs["input_ids"].cpu(), inputs["attention_mask"].cpu())]
+        return self.embedder.embed(texts).to(inputs["input_ids"].device)
 
     def adaptive_margin(self, chosen, rejected, chosen_hidden, rejected_hidden, mode):
         """The `point` or `aplot` margin of this rank's pairs, solved over the global batch."""

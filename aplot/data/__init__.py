@@ -36,6 +36,10 @@ def load_source(source: dict, data_cfg, train: bool = False) -> tuple[Dataset, d
     if source["path"] == "embedded":
         pairs = embedded_split(data_cfg, source["split"], train, source["format"])
         return pairs, {"rows_read": len(pairs), "kept": len(pairs), "dropped": {}, "pairs": len(pairs)}
+    if source["path"] == "spoken":
+        from aplot.data.spoken import spoken_split
+
+        return spoken_split(data_cfg, source["split"], train, source["format"])
     raw, label = load_raw(source["path"], source.get("config"), source["split"])
     return to_preference(raw, source["format"], source=label, columns=source.get("columns"),
                          strict=data_cfg.strict)
@@ -177,6 +181,13 @@ def load_prompts(path: str, split: str, n: int, fmt: str = "explicit", config: s
         prompts = list(dict.fromkeys(r["prompt"] for r in generate_split(split, 4 * n, world_seed)))
         if fmt == "conversational":
             prompts = [as_chat({"prompt": p, "chosen": "", "rejected": ""})["prompt"] for p in prompts]
+    elif path == "spoken":  # the requests alone: they depend on the seed only, not on any policy's samples
+        from aplot.data.spoken import chat_prompt, first_requests
+
+        check_embedded_layout(fmt)
+        prompts = first_requests(split, world_seed, n)
+        if fmt == "conversational":
+            prompts = [chat_prompt(p) for p in prompts]
     else:
         from aplot.config import DataConfig
 

@@ -58,8 +58,10 @@ def format_prompt(c: Constraints) -> str:
 
 def parse_prompt(prompt: str) -> Constraints:
     match = PROMPT_RE.search(prompt)
-    if match is None:
-        raise ValueError(f"not a prompt of the embedded world: {prompt[:80]!r}")
+    if match is None:  # the same constraints asked as a chat request (aplot.data.spoken)
+        from aplot.data.spoken import parse_request
+
+        return parse_request(prompt)
     required = tuple(w for w in re.split(r", | and ", match.group(1)) if w)
     return Constraints(required, match.group(2))
 
