@@ -68,7 +68,7 @@ def run(data_cfg, args, model_cfg) -> dict:
         raise UserError("loss_type=margin needs margin_value, or a `margin` column in the dataset")
     init_path = lineage.model_path(model_cfg.model_name_or_path, model_cfg.init_from, model_cfg.lineage_dir)
     if args.ot_embedder:  # a preset's name becomes its directory; the recorded settings keep the name
-        check_path(args.ot_embedder, "ot_embedder")
+        check_model_source(args.ot_embedder, "ot_embedder", args.trust_remote_code)
         args.ot_embedder = lineage.model_path(args.ot_embedder, "sft", model_cfg.lineage_dir)
     tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or lineage.tokenizer_path(init_path,
                                                                                          model_cfg.lineage_dir),
