@@ -245,7 +245,10 @@ class GoldEvaluation(TrainerCallback):
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         rows = []
         generator = torch.Generator().manual_seed(args.seed + 7919 * step + accelerator.process_index)
-        with unwrap_model_for_generation(trainer.model_wrapped, accelerator,
+        # The trainer's prepared model (PPO's wraps policy and value model, and sets `model_wrapped` only once
+        # its loop runs; the Trainer's RLOO keeps the unwrapped model in `model`).
+        model = getattr(trainer, "model_wrapped", None) or trainer.model
+        with unwrap_model_for_generation(model, accelerator,
                                          gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped:
             policy = self.policy_of(unwrapped)
             policy.eval()
