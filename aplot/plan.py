@@ -850,11 +850,12 @@ def plan_rloo(plan: Plan, argv: list[str], opts) -> None:
     policy, policy_tokenizer = policy_shape(args.sft_model_path, args.lineage_dir, args.dtype, args.trust_remote_code)
     reward, reward_tokenizer = reward_model_shape("reward model", args.reward_model_path, args.dtype,
                                                   args.trust_remote_code)
-    verdict, _ = compare_tokenizers(tokenizer_facts(policy_tokenizer, args.trust_remote_code),
-                                    tokenizer_facts(reward_tokenizer, args.trust_remote_code),
+    reward_facts = tokenizer_facts(reward_tokenizer, args.trust_remote_code)
+    verdict, _ = compare_tokenizers(tokenizer_facts(policy_tokenizer, args.trust_remote_code), reward_facts,
                                     "the policy", "the reward model")
     plan.row("tokenizers", f"policy and reward model {verdict} (RLOO re-tokenises decoded text: either is fine)")
-    if hasattr(reward_tokenizer, "apply_chat_template"):
+    reward_tokenizer = reward_facts.tokenizer if reward_facts else None
+    if reward_tokenizer is not None:
         # The stage's own start-up check: a probe response as TRL's RLOO hands it to the reward model, and as
         # the reward model was trained on it.
         chat = args.prompt_format not in ("explicit", "multiple_choice")

@@ -146,3 +146,15 @@ def test_rloo_in_two_cpu_processes(tmp_path, embedded_rms):
     assert metrics["processes"] == 2 and metrics["episodes_per_update"] == 16 and metrics["updates"] == 2
     assert metrics["gold_curve"][-1]["n"] == 12  # both ranks' evaluation samples gathered
     AutoModelForCausalLM.from_pretrained(tmp_path / "rloo")
+
+
+def test_make_plan_tells_the_rloo_stage_and_its_batch_arithmetic(tmp_path):
+    from aplot.plan import detect_stage, make_plan
+
+    assert detect_stage("recipes/rloo/embedded.yaml") == "rloo"  # its own keys, beside the policy stage's shared ones
+    assert detect_stage("recipes/ppo/embedded.yaml") == "ppo"
+    plan = make_plan(["--config", "recipes/rloo/embedded.yaml", "--nproc", "2", "--output_dir", str(tmp_path / "x")])
+    n = plan.numbers
+    assert n["global_batch"] == 32 * 2 * 2 and n["updates"] == 40 and n["tokens_per_step"] == 128 * 16
+    assert "16 prompts" not in plan.format() and "32 prompts x num_generations 4" in plan.format()
+    assert {"policy", "reference", "reward model"} <= set(plan.models) and not (tmp_path / "x").exists()
