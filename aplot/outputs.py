@@ -51,7 +51,7 @@ OWNER = ".aplot.json"  # {"stage": ..., "files": [...]}: who made the directory 
 WORK = ".aplot-run"  # the run in progress; not `.tmp`: discard_partial must never take its checkpoints
 RUN_SETTINGS = "run_settings.json"
 STAGES = {"rm": "a reward model (make rm)", "eval": "an evaluation (make eval)", "bon": "a Best-of-N run (make bon)",
-          "ppo": "a PPO policy (make ppo)", "lineage": "a lineage artefact"}
+          "ppo": "a PPO policy (make ppo)", "rloo": "an RLOO policy (make rloo)", "lineage": "a lineage artefact"}
 
 
 def write_atomic(path, write) -> None:

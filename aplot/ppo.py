@@ -1,14 +1,22 @@
-"""PPO against a trained reward model: the stage's recipe keys, the policy/reward-model tokenizer
-check (and the decode-and-re-encode bridge), and the gold-reward evaluation run during training."""
+"""PPO against a trained reward model: TRL's PPOTrainer (the pinned TRL line) over the shared policy stage
+(`aplot.policy`), with the PPO-only parts: its recipe keys, how it hands responses to the reward model
+(the policy's own ids, checked, or decoded and re-encoded), and checkpoints that hold the value model."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainerCallback
+
+from aplot.policy import (  # noqa: F401  (the policy-stage names PPO's callers have always imported from here)
+    GoldEvaluation,
+    PolicyStageConfig,
+    first_difference,
+    plot_gold_vs_kl_curve,
+    probe_response,
+    same_tokenizer,
+)
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in the pinned TRL line
 try:
@@ -23,90 +31,24 @@ except ImportError as err:  # TRL 1.13 and later: upstream removed PPO; the core
 
 
 @dataclass
-class APLOTPPOConfig(PPOConfig):
-    """TRL's `PPOConfig` (every `TrainingArguments` key too) plus where the prompts, reward models and
-    gold reward come from. `sft_model_path` is the policy, `reward_model_path` a `make rm` output."""
+class APLOTPPOConfig(PolicyStageConfig, PPOConfig):
+    """TRL's `PPOConfig` (every `TrainingArguments` key too) plus the policy stage's keys (where the prompts,
+    reward models and gold reward come from). `sft_model_path` is the policy, `reward_model_path` a `make rm`
+    output."""
 
-    sft_model_path: str = field(default="embedded", metadata={
-        "help": "The policy to optimise (and its frozen reference): a directory or hub id, or a model "
-                "preset (recipes/models/<name>/) whose SFT policy is built once and reused; 'embedded' is "
-                "the tiny-qwen2 preset."})
-    lineage_dir: str = field(default="outputs/lineage", metadata={
-        "help": "Where a preset's tokenizer, base LM and SFT policy are built once and reused."})
-    reward_model_path: str = field(default="outputs/rm/embedded-aplot", metadata={
-        "help": "The proxy reward model PPO optimises: a `make rm` output directory or hub id."})
     value_model_path: str | None = field(default=None, metadata={
         "help": "Where the value model starts; unset, from the reward model (from the policy when "
                 "retokenize_rewards is on, since the value model reads the policy's tokens)."})
-    retokenize_rewards: bool = field(default=False, metadata={
-        "help": "When the policy and reward model tokenizers differ: decode each response and re-encode "
-                "it for the reward model (off: such a pair is refused at start-up)."})
-    gold: str = field(default="embedded", metadata={
-        "help": "'embedded' (the world's gold function) or a sequence-classification gold reward model."})
-    prompt_dataset: str = field(default="embedded", metadata={
-        "help": "Where prompts come from: 'embedded' or a dataset (hub name or local file) as in rm recipes."})
-    prompt_config: str | None = field(default=None, metadata={"help": "Hub configuration of prompt_dataset."})
-    prompt_format: str = field(default="explicit", metadata={"help": "Format of prompt_dataset (rm recipes)."})
-    prompt_columns: dict[str, str] | None = field(default=None, metadata={"help": "Column mapping."})
-    prompt_split: str = field(default="train", metadata={"help": "Split whose prompts PPO trains on."})
-    n_prompts: int = field(default=2048, metadata={"help": "Distinct training prompts."})
-    eval_prompt_split: str = field(default="test_id", metadata={"help": "Split of the held-out gold-eval prompts."})
-    n_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts of each gold evaluation."})
-    eval_samples_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt."})
-    gold_eval_steps: int = field(default=10, metadata={
-        "help": "Evaluate gold reward, proxy reward and KL every this many PPO updates (and before the "
-                "first and after the last)."})
-    world_seed: int = field(default=0, metadata={"help": "Embedded world seed (prompts)."})
-    max_prompt_length: int | None = field(default=None, metadata={
-        "help": "Drop prompts longer than this many policy tokens (counted in metrics.json)."})
-    score_max_length: int | None = field(default=None, metadata={"help": "Scorers keep the last N tokens."})
-    score_batch_size: int = field(default=64, metadata={"help": "Sequences per scoring batch."})
-    dtype: str | None = field(default=None, metadata={"help": "dtype of the policy, value and reward models."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
-    normalize_rewards: bool = field(default=False, metadata={
-        "help": "Optimise (r - mean) / std, with the reward stats `make rm` wrote into the reward model's "
-                "config.json (the proxy reward of the gold evaluation is reported so too)."})
-    reward_clip: float | None = field(default=None, metadata={
-        "help": "Clip the reward PPO optimises to [-reward_clip, reward_clip], after normalising (unset: off)."})
-    resume: bool = field(default=True, metadata={
-        "help": "Continue from the latest checkpoint in output_dir when there is one."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Write into an output_dir that holds files no aplot run made (files of the same names are "
-                "replaced, the others kept); off, such a directory is refused."})
 
     def __post_init__(self):
-        from aplot.config import (
-            MAX_BATCH,
-            MAX_ITERS,
-            MAX_PAIRS,
-            MAX_SEED,
-            MAX_STEPS,
-            MAX_TOKENS,
-            check_dtype,
-            check_range,
-        )
+        from aplot.config import MAX_BATCH, MAX_ITERS, MAX_STEPS, MAX_TOKENS, check_range
 
-        for key, high in (("n_prompts", MAX_PAIRS), ("n_eval_prompts", MAX_PAIRS),
-                          ("eval_samples_per_prompt", MAX_BATCH), ("score_batch_size", MAX_BATCH),
-                          ("response_length", MAX_TOKENS),
-                          ("num_ppo_epochs", MAX_ITERS), ("num_mini_batches", MAX_BATCH),
-                          ("per_device_train_batch_size", MAX_BATCH), ("gradient_accumulation_steps", MAX_BATCH),
-                          ("local_rollout_forward_batch_size", MAX_BATCH)):
-            check_range(key, getattr(self, key), low=1, high=high)
-        for key, high in (("max_prompt_length", MAX_TOKENS), ("score_max_length", MAX_TOKENS),
-                          ("total_episodes", MAX_STEPS)):
-            if getattr(self, key) is not None:
-                check_range(key, getattr(self, key), low=1, high=high)
-        check_range("num_train_epochs", self.num_train_epochs, low=0, high=MAX_ITERS, low_open=True)
-        check_dtype(self.dtype)
-        for key in ("seed", "world_seed"):
-            check_range(key, getattr(self, key), low=0, high=MAX_SEED)
-        check_range("gold_eval_steps", self.gold_eval_steps, low=0)
+        self.check_policy_stage({"response_length": MAX_TOKENS, "num_ppo_epochs": MAX_ITERS,
+                                 "num_mini_batches": MAX_BATCH, "local_rollout_forward_batch_size": MAX_BATCH})
+        if self.total_episodes is not None:
+            check_range("total_episodes", self.total_episodes, low=1, high=MAX_STEPS)
         check_range("kl_coef", self.kl_coef, low=0.0)
-        check_range("temperature", self.temperature, low=0.0, low_open=True)
         check_range("cliprange", self.cliprange, low=0.0, low_open=True)
-        if self.reward_clip is not None:
-            check_range("reward_clip", self.reward_clip, low=0.0, low_open=True)
         # PPOConfig turns TrainingArguments' `world_size` property into a field (None until the trainer
         # sets it), which a `deepspeed` config reads while the arguments are built: give it the launch's.
         if self.world_size is None:
@@ -119,19 +61,7 @@ class APLOTPPOConfig(PPOConfig):
             os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(self.deepspeed)
             self.deepspeed = None
         super().__post_init__()
-        if "wandb" in (self.report_to or []):
-            os.environ.setdefault("WANDB_MODE", "offline")
-
-
-def same_tokenizer(policy_tokenizer, reward_tokenizer) -> str | None:
-    """None when both map every token to the same id; else what differs, for the error message."""
-    a, b = policy_tokenizer.get_vocab(), reward_tokenizer.get_vocab()
-    if a == b:
-        return None
-    if len(a) != len(b):
-        return f"{len(a)} tokens against {len(b)}"
-    token = next(t for t in a if a[t] != b.get(t))
-    return f"token {token!r} is id {a[token]} against {b.get(token)}"
+        self.offline_wandb()
 
 
 def rendering_mismatch(policy_tokenizer, reward_scorer, prompt, query_ids: list[int]) -> str | None:
@@ -142,16 +72,10 @@ def rendering_mismatch(policy_tokenizer, reward_scorer, prompt, query_ids: list[
     a newline PPO never samples)."""
     from aplot.bon import as_response
 
-    text = "apple river" if isinstance(prompt, list) else " apple river"  # a probe response
+    text = probe_response(prompt)
     sampled = policy_tokenizer(text, add_special_tokens=False)["input_ids"] + [policy_tokenizer.eos_token_id]
-    scored = list(query_ids) + sampled
     trained = reward_scorer.encode(prompt, as_response(prompt, text))
-    if scored == trained:
-        return None
-    at = next((i for i, (a, b) in enumerate(zip(scored, trained)) if a != b), min(len(scored), len(trained)))
-    shown = [repr(policy_tokenizer.decode(ids[max(0, at - 3):at + 3])) for ids in (scored, trained)]
-    return (f"render responses differently (PPO scores ...{shown[0]} where the reward model was trained on "
-            f"...{shown[1]})")
+    return first_difference(list(query_ids) + sampled, trained, policy_tokenizer, "PPO")
 
 
 class RetokenizedReward(torch.nn.Module):
@@ -227,138 +151,6 @@ class ScaledReward(torch.nn.Module):
 @dataclass
 class _Output:
     hidden_states: tuple
-
-
-class GoldEvaluation(TrainerCallback):
-    """Before the first update, every `gold_eval_steps` updates and after the last: sample on held-out
-    prompts, score with the gold reward and the proxy, and estimate KL(policy || reference).
-
-    The KL is the sequence-level Monte Carlo estimate sum_t log pi(y_t) - log ref(y_t) over the
-    sampled response tokens, at the sampling temperature PPO trains with.
-    """
-
-    def __init__(self, args: APLOTPPOConfig, prompts: list, tokenizer, proxy, gold, step_offset: int = 0,
-                 history: list | None = None):
-        self.args, self.prompts, self.tokenizer = args, prompts, tokenizer
-        self.proxy, self.gold = proxy, gold  # RewardScorer; a RewardScorer or "embedded"
-        self.trainer = None  # set once the trainer exists: the callback needs its live models
-        self.step_offset = step_offset
-        self.history = history if history is not None else []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not any(h["step"] == self.step_offset for h in self.history):
-            self.evaluate(self.step_offset)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        step = self.step_offset + state.global_step
-        every = self.args.gold_eval_steps
-        if (every and state.global_step % every == 0) or state.global_step == state.max_steps:
-            self.evaluate(step)
-
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
-        from trl.experimental.utils import first_true_indices
-        from trl.models.utils import unwrap_model_for_generation
-
-        from aplot.bon import as_response
-
-        trainer, args = self.trainer, self.args
-        accelerator = trainer.accelerator
-        # Each rank evaluates its share of the prompts; the results are gathered in order.
-        mine = list(range(len(self.prompts)))[accelerator.process_index::accelerator.num_processes]
-        queries = [self.query_ids[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        rows = []
-        generator = torch.Generator().manual_seed(args.seed + 7919 * step + accelerator.process_index)
-        with unwrap_model_for_generation(trainer.model, accelerator,
-                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped:
-            policy = unwrapped.policy
-            policy.eval()
-            for start in range(0, len(queries), args.local_rollout_forward_batch_size):
-                batch = queries[start:start + args.local_rollout_forward_batch_size]
-                width = max(map(len, batch))
-                query = torch.tensor([[pad] * (width - len(q)) + q for q in batch], device=accelerator.device)
-                mask = query != pad
-                torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-                out = policy.generate(input_ids=query, attention_mask=mask, max_new_tokens=args.response_length,
-                                      do_sample=True, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
-                                      pad_token_id=pad, eos_token_id=eos)
-                response = out[:, width:]
-                # Tokens after the first eos are padding: neither scored nor counted in the KL.
-                ends = first_true_indices(response == eos) if eos is not None else response.shape[1]
-                positions = torch.arange(response.shape[1], device=response.device)
-                valid = positions[None, :] <= torch.as_tensor(ends, device=response.device).reshape(-1, 1)
-                valid &= response != pad
-                full = torch.cat([query, torch.where(valid, response, pad)], 1)
-                logp = self._logprobs(policy, full, width, pad, args.temperature)
-                ref = self._logprobs(trainer.ref_model, full, width, pad, args.temperature)
-                kl = ((logp - ref) * valid).sum(1)
-                texts = self.tokenizer.batch_decode(torch.where(valid, response, pad), skip_special_tokens=True)
-                rows += [(t, float(k)) for t, k in zip(texts, kl)]
-            policy.train()
-        from accelerate.utils import gather_object
-
-        prompts = [self.prompts[i] for i in mine for _ in range(args.eval_samples_per_prompt)]
-        texts = [t for t, _ in rows]
-        responses = [as_response(p, t) for p, t in zip(prompts, texts)]
-        proxy = self.proxy.score(prompts, responses).tolist()
-        if self.gold == "embedded":
-            from aplot.data.world import gold_reward
-
-            gold = [gold_reward(p, t) for p, t in zip(prompts, texts)]
-        else:
-            gold = self.gold.score(prompts, responses).tolist()
-        results = gather_object([(g, p, k, t) for g, p, (t, k) in zip(gold, proxy, rows)])
-        point = {"step": step, "gold": mean(r[0] for r in results), "proxy": mean(r[1] for r in results),
-                 "kl": mean(r[2] for r in results), "n": len(results),
-                 "response_words": mean(len(r[3].split()) for r in results)}
-        self.history.append(point)
-        if accelerator.is_main_process:
-            print(f"gold evaluation at update {step}: gold {point['gold']:.3f}  proxy {point['proxy']:.3f}  "
-                  f"KL {point['kl']:.3f}")
-        return point
-
-    def set_trainer(self, trainer, query_ids: list[list[int]]):
-        self.trainer, self.query_ids = trainer, query_ids
-
-    @staticmethod
-    def _logprobs(model, full, context_length, pad, temperature):
-        from trl.experimental.ppo.ppo_trainer import forward
-        from trl.trainer.utils import selective_log_softmax
-
-        # The same forward (pad-derived mask and positions) PPO itself uses for its log-probs.
-        logits = forward(model, full, pad).logits[:, context_length - 1:-1].float() / (temperature + 1e-7)
-        return selective_log_softmax(logits, full[:, context_length:])
-
-
-def mean(values) -> float:
-    values = list(values)
-    return math.fsum(values) / len(values) if values else float("nan")
-
-
-def plot_gold_vs_kl_curve(curves: dict[str, list[dict]], path) -> None:
-    """Gold and proxy reward of the policy against its KL to the reference over training, one line
-    per run (the PPO counterpart of the Best-of-N plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
-
-    from aplot.evaluation import write_atomic
-
-    fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, points in curves.items():
-        kl = [p["kl"] for p in points]
-        ax_gold.plot(kl, [p["gold"] for p in points], "o-", ms=3, label=name)
-        ax_proxy.plot(kl, [p["proxy"] for p in points], "o-", ms=3, label=name)
-    ax_gold.set(xlabel="KL(policy || reference), nats", ylabel="gold reward", title="gold reward during PPO")
-    ax_proxy.set(xlabel="KL(policy || reference), nats", ylabel="proxy reward", title="proxy reward during PPO")
-    ax_gold.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png"))
-    plt.close(fig)
 
 
 def load_trainer_class():

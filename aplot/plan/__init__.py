@@ -4,7 +4,7 @@ states from DeepSpeed's own estimators, activations and logits as stated estimat
 the stage pairs up agree. Nothing is loaded but config and tokenizer files, and nothing is written.
 
 One module per concern: `shapes` (models from their configs), `tokenizers`, `memory`, `base` (the Plan every
-stage planner fills in), `throughput` (make gpu-check's FLOPs), and one planner per stage (`rm`, `bon`, `ppo`).
+stage planner fills in), `throughput` (make gpu-check's FLOPs), and one planner per stage (`rm`, `bon`, `ppo`, `rloo`).
 A stage planner is a module with `MARKS` (recipe keys only that stage has) and a function `(plan, argv, opts)`
 that parses the recipe with the stage's own parser, makes the stage's own checks and fills in the plan; adding
 a stage is such a module and its line in `STAGE_PLANNERS`."""
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aplot.errors import UserError
-from aplot.plan import bon, ppo, rm
+from aplot.plan import bon, ppo, rloo, rm
 from aplot.plan.base import Plan, fits, resolving_for_the_gpu_machine
 from aplot.plan.bon import VLLM_GPU_MEMORY_UTILIZATION, plan_bon
 from aplot.plan.memory import (
@@ -27,6 +27,7 @@ from aplot.plan.memory import (
     zero_config,
 )
 from aplot.plan.ppo import plan_ppo
+from aplot.plan.rloo import plan_rloo
 from aplot.plan.rm import plan_rm, trainer_steps
 from aplot.plan.shapes import (
     DTYPE_BYTES,
@@ -48,14 +49,15 @@ from aplot.plan.throughput import PEAK_BF16_TFLOPS, matmul_params, peak_bf16_flo
 from aplot.plan.tokenizers import TokenizerFacts, compare_tokenizers, tokenizer_facts
 
 # stage -> (the recipe keys only its recipes have, its planner); the order is `--stage`'s.
-STAGE_PLANNERS = {"rm": (rm.MARKS, plan_rm), "bon": (bon.MARKS, plan_bon), "ppo": (ppo.MARKS, plan_ppo)}
+STAGE_PLANNERS = {"rm": (rm.MARKS, plan_rm), "bon": (bon.MARKS, plan_bon), "ppo": (ppo.MARKS, plan_ppo),
+                  "rloo": (rloo.MARKS, plan_rloo)}
 STAGES = tuple(STAGE_PLANNERS)
 
 __all__ = ["DTYPE_BYTES", "GIB", "HUB_CONFIGS", "PEAK_BF16_TFLOPS", "RM_RECIPES", "ROOT", "STAGES", "STAGE_PLANNERS",
            "VLLM_GPU_MEMORY_UTILIZATION", "ModelShape", "Plan", "TokenizerFacts", "activation_bytes",
            "compare_tokenizers", "config_dir", "describe", "detect_stage", "fits", "inference_bytes", "is_hub_id",
            "logits_bytes", "make_plan", "matmul_params", "model_shape", "model_states_bytes", "parse_plan_flags",
-           "peak_bf16_flops", "plan_bon", "plan_ppo", "plan_rm", "policy_shape", "resolve_model",
+           "peak_bf16_flops", "plan_bon", "plan_ppo", "plan_rloo", "plan_rm", "policy_shape", "resolve_model",
            "resolving_for_the_gpu_machine", "reward_model_shape", "rm_recipe_writing", "tokenizer_facts",
            "trainer_steps", "training_advice", "training_flops_per_token", "weight_dtype", "zero_config"]
 
@@ -89,6 +91,8 @@ def detect_stage(recipe: str) -> str:
 
     keys = set(read_recipe(recipe))
     found = [stage for stage, (marks, _) in STAGE_PLANNERS.items() if keys & marks]
+    if found == ["ppo", "rloo"]:  # the policy stage's shared keys mark both: RLOO's own keys decide
+        found = ["rloo"]
     if len(found) == 1:
         return found[0]
     folder = Path(recipe).resolve().parent.name

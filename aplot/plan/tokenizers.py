@@ -65,7 +65,7 @@ def compare_tokenizers(a: TokenizerFacts | None, b: TokenizerFacts | None, a_nam
         return f"not compared: no tokenizer files for {missing[0]} here", False
     differs = []
     if a.tokenizer is not None and b.tokenizer is not None:
-        from aplot.ppo import same_tokenizer  # the check make ppo runs at start-up
+        from aplot.policy import same_tokenizer  # the check make ppo runs at start-up (trl 1.16 has no PPO)
 
         mismatch = same_tokenizer(a.tokenizer, b.tokenizer)
         if mismatch:
