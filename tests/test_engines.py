@@ -11,6 +11,8 @@ import torch
 
 from tests.conftest import tiny_rm_argv
 
+pytestmark = pytest.mark.core  # run on the newest line too (make test-latest)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

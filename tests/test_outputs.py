@@ -20,6 +20,8 @@ from aplot import outputs
 from aplot.errors import UserError, run_pipeline
 from tests.conftest import ROOT, make_preset, snapshot, tiny_rm_argv
 
+pytestmark = pytest.mark.core  # run on the newest line too (make test-latest)
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 ROW = '{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}\n'
 # A process that holds a directory's lock until it is killed, as a run would.
@@ -132,7 +134,7 @@ def test_under_torchrun_every_rank_fails_alike_when_the_directory_is_held(tmp_pa
     assert not (out / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["rm", "eval", "bon", "ppo"])
+@pytest.mark.parametrize("stage", ["rm", "eval", "bon", pytest.param("ppo", marks=pytest.mark.ppo)])
 def test_every_stage_refuses_a_directory_another_process_holds(tmp_path, capsys, stage):
     import importlib
 
@@ -329,6 +331,7 @@ def test_eval_writes_only_its_own_files(tmp_path, earlier):
     assert sorted(os.listdir(out)) == [outputs.OWNER, "metrics.json", "notes.txt", "reward_distributions.png"]
 
 
+@pytest.mark.ppo
 def test_bon_and_ppo_refuse_another_stages_directory_and_their_inputs(tmp_path, earlier, capsys):
     import yaml
 

@@ -16,6 +16,8 @@ import yaml
 from aplot.errors import UserError
 from tests.conftest import snapshot
 
+pytestmark = pytest.mark.core  # run on the newest line too (make test-latest)
+
 
 def rloo_recipe(tmp_path, embedded_rms, **keys):
     rms, policy = embedded_rms

@@ -19,6 +19,8 @@ import yaml
 from aplot.data import spoken, world
 from tests.conftest import ROOT, make_preset
 
+pytestmark = pytest.mark.core  # run on the newest line too (make test-latest)
+
 
 def gold_by_hand(request: str, response: str) -> float:
     """The world's gold reward, recomputed here from the request's own words: share of the required words
@@ -291,6 +293,7 @@ def test_bon_and_ppo_prompts_of_the_spoken_world_need_no_samples():
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_backend_builds_pairs_labelled_by_the_gold_and_a_rerun_reads_the_cache(tmp_path, tiny_policy):
     recipe = spoken_recipe(tmp_path, tiny_policy, spoken_backend="vllm", n_train=8, n_eval=4,
                            spoken_chunk_prompts=8)
