@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
+from aplot.errors import UserError
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in the pinned TRL line
 from trl.experimental.ppo import PPOConfig  # noqa: E402
 
@@ -102,6 +104,22 @@ def same_tokenizer(policy_tokenizer, reward_tokenizer) -> str | None:
     return f"token {token!r} is id {a[token]} against {b.get(token)}"
 
 
+def distinct_pad(tokenizer, query_ids: list[list[int]]) -> str:
+    """A pad token for a policy that pads with its eos (SmolLM2: both `<|im_end|>`) or not at all.
+
+    TRL's PPO takes every pad token for padding: it masks them out of the prompt (where a chat template's
+    `<|im_end|>` closes each turn) and ends each response at the first one, before the eos. So the policy
+    pads with another special token of its own vocabulary (no new embedding row), the first by id that no
+    prompt contains and that is not eos: SmolLM2's `<|endoftext|>`. Generation still stops at the eos."""
+    used = {t for ids in query_ids for t in ids}
+    special = sorted(set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values()))
+    for token_id in special:
+        if token_id != tokenizer.eos_token_id and token_id not in used:
+            return tokenizer.convert_ids_to_tokens(token_id)
+    raise UserError(f"{tokenizer.name_or_path}: the tokenizer pads with its eos (or not at all) and has no other "
+                    "special token that the prompts do not use, to pad with in PPO: give it a pad token")
+
+
 def rendering_mismatch(policy_tokenizer, reward_scorer, prompt, query_ids: list[int]) -> str | None:
     """None when a response reaches the reward model, through PPO, as the very token ids it was trained
     to score (`reward_scorer` encodes as its training did); else where they part. PPO scores `query +
@@ -115,7 +133,15 @@ def rendering_mismatch(policy_tokenizer, reward_scorer, prompt, query_ids: list[
     scored = list(query_ids) + sampled
     trained = reward_scorer.encode(prompt, as_response(prompt, text))
     if scored == trained:
-        return None
+        # Same ids; TRL's PPO reads the reward at the last one, the reward model at its last non-pad one,
+        # which for a reward model padding with its eos (SmolLM2) is the token before that eos.
+        pad = reward_scorer.model.config.pad_token_id
+        read = max((i for i, t in enumerate(trained) if t != pad), default=len(trained) - 1)
+        if read == len(trained) - 1:
+            return None
+        shown = [repr(policy_tokenizer.decode(trained[i:i + 1])) for i in (len(trained) - 1, read)]
+        return (f"read the reward at different tokens (PPO at the final {shown[0]}, the reward model, which pads "
+                f"with it, at {shown[1]} before it)")
     at = next((i for i, (a, b) in enumerate(zip(scored, trained)) if a != b), min(len(scored), len(trained)))
     shown = [repr(policy_tokenizer.decode(ids[max(0, at - 3):at + 3])) for ids in (scored, trained)]
     return (f"render responses differently (PPO scores ...{shown[0]} where the reward model was trained on "

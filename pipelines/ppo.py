@@ -38,6 +38,7 @@ def run(args) -> dict:
     from aplot.ppo import (
         GoldEvaluation,
         RetokenizedReward,
+        distinct_pad,
         load_trainer_class,
         plot_gold_vs_kl_curve,
         rendering_mismatch,
@@ -62,9 +63,6 @@ def run(args) -> dict:
     # Every model and tokenizer is loaded, and the pair checked, before the first update.
     policy_path = lineage.policy_path(args.sft_model_path, args.lineage_dir)
     tokenizer = load_tokenizer(policy_path, args.trust_remote_code)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # PPO finds the end of each response by its padding, so padding must not look like eos.
-        raise UserError(f"{policy_path}: the tokenizer needs a pad token distinct from eos for PPO")
     tokenizer.padding_side = "left"
     reward_model, reward_tokenizer = load_reward_model(args.reward_model_path, device="cpu", dtype=args.dtype,
                                                        trust_remote_code=args.trust_remote_code)
@@ -77,6 +75,10 @@ def run(args) -> dict:
 
     query_ids, counts = encode_prompts(tokenizer, prompts, args.max_prompt_length)
     eval_ids, _ = encode_prompts(tokenizer, eval_prompts, None)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # PPO finds the end of each response by its padding, so padding must not look like eos.
+        tokenizer.pad_token = distinct_pad(tokenizer, [q for q in query_ids + eval_ids if q is not None])
+        print(f"{policy_path}: the policy pads with {tokenizer.pad_token!r} in PPO (its own pad is its eos)")
     # TRL's PPO hands the reward model the policy's token ids (query, response, eos) and reads the reward
     # at the eos: checked before the first update that those are the ids the reward model was trained on.
     vocab = same_tokenizer(tokenizer, reward_tokenizer)
@@ -112,6 +114,8 @@ def run(args) -> dict:
     start_path = str(checkpoint) if checkpoint else policy_path
     policy = AutoModelForCausalLM.from_pretrained(start_path, **load)
     reference = AutoModelForCausalLM.from_pretrained(policy_path, **load)
+    for model in (policy, reference):  # sequences that stop early are padded with the tokenizer's pad
+        model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     # The value model reads the policy's token ids: from the reward model when they share a vocabulary.
     value_path = (str(checkpoint / "value_model") if checkpoint else args.value_model_path
                   or (policy_path if vocab else args.reward_model_path))
