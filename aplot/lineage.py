@@ -17,22 +17,29 @@ as `Qwen/Qwen2.5-1.5B-Instruct`.
 Each artefact's directory is complete once its `lineage.json` (the settings that made it) is written,
 last; a killed build resumes from its newest checkpoint. An artefact made with other settings is never
 reused silently: the stage stops and names what changed.
+
+A preset whose `preset.yaml` has a `source` instead is a real pretrained checkpoint: `aplot.checkpoints`
+imports it once into `<lineage_dir>/<preset>/`, which `sft`, `base` and `scratch` (its config) all name.
+A bare preset name (`smollm2-135m-instruct`) stands for `recipes/models/<name>` when no such path exists.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aplot import checkpoints
 from aplot.errors import UserError
 
 LINEAGE_DIR = "outputs/lineage"
 EMBEDDED = "recipes/models/tiny-qwen2"  # the preset `embedded` names
+PRESETS_DIR = "recipes/models"  # where a bare preset name is looked up
 STAGES = ("tokenizer", "base", "sft")
 INIT_FROM = ("sft", "base", "scratch")
 MARKER = "lineage.json"
@@ -60,9 +67,18 @@ class Preset:
         return {"config": config, "seed": self.seed, **{s: getattr(self, s) for s in upto}}
 
 
+def preset_dir(path) -> str:
+    """`path` itself, or for a bare name that is no path here but a preset folder's name, that folder."""
+    name = str(path)
+    folder = Path(PRESETS_DIR) / name
+    if not Path(name).exists() and re.fullmatch(r"[\w.-]+", name) and (folder / PRESET_FILE).is_file():
+        return str(folder)
+    return name
+
+
 def is_preset(path) -> bool:
-    p = Path(str(path))
-    return (p / PRESET_FILE).is_file() and (p / "config.json").is_file()
+    p = Path(preset_dir(path))
+    return (p / PRESET_FILE).is_file() and ((p / "config.json").is_file() or checkpoints.is_imported(p))
 
 
 def load_preset(path) -> Preset:
@@ -86,6 +102,9 @@ def model_path(path: str, init_from: str = "sft", lineage_dir: str = LINEAGE_DIR
     directory: the model is then built from its config with fresh weights."""
     if init_from not in INIT_FROM:
         raise UserError(f"init_from {init_from!r} is not one of {', '.join(INIT_FROM)}")
+    path = preset_dir(path)
+    if checkpoints.is_imported(path):  # its weights for sft and base; scratch builds from its config.json
+        return checkpoints.ensure(path, lineage_dir)
     if not is_preset(path) or init_from == "scratch":
         return path
     return ensure(load_preset(path), init_from, lineage_dir)
@@ -96,13 +115,16 @@ def policy_path(path: str, lineage_dir: str = LINEAGE_DIR) -> str:
     default's), or a model directory or hub id as it is."""
     from aplot.reward_model import check_path
 
-    path = EMBEDDED if path == "embedded" else path
+    path = EMBEDDED if path == "embedded" else preset_dir(path)
     check_path(path, "policy")
     return model_path(path, "sft", lineage_dir)
 
 
 def tokenizer_path(path: str, lineage_dir: str = LINEAGE_DIR) -> str:
-    """Where the tokenizer of `path` is: a preset's trained tokenizer, else `path` itself."""
+    """Where the tokenizer of `path` is: a preset's trained (or imported) tokenizer, else `path` itself."""
+    path = preset_dir(path)
+    if checkpoints.is_imported(path):
+        return checkpoints.ensure(path, lineage_dir)
     return ensure(load_preset(path), "tokenizer", lineage_dir) if is_preset(path) else path
 
 

@@ -530,10 +530,16 @@ def resolve_model(role: str, name: str, head: str, dtype: str | None, *, init_fr
     its lineage's `init_from` model when built, else its config sized to the tokenizer its lineage
     trains (trained here in memory, as aplot.lineage trains it, and not saved); a config directory
     is sized to its tokenizer as `build_reward_model` sizes it; anything else is read as it is."""
-    from aplot import lineage
+    from aplot import checkpoints, lineage
     from aplot.reward_model import has_weights, load_tokenizer
 
     lineage_dir = lineage_dir or lineage.LINEAGE_DIR
+    if checkpoints.is_imported(lineage.preset_dir(name)):  # a real checkpoint: its imported directory
+        imported = Path(lineage_dir) / Path(lineage.preset_dir(name)).name
+        if not (imported / lineage.MARKER).exists():
+            raise UserError(f"{name}: not imported yet (make import PRESET={Path(lineage.preset_dir(name)).name}); "
+                            "a plan downloads and writes nothing")
+        name = str(imported)
     if lineage.is_preset(name):
         preset = lineage.load_preset(name)
         built_tokenizer = Path(lineage_dir) / preset.name / "tokenizer"

@@ -85,8 +85,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def check_path(path: str, what: str) -> None:
-    """A path that is not a hub id (`owner/name`) must exist here: name it when it does not."""
+    """A path that is not a hub id (`owner/name`) or a model preset's name must exist here: name it when it
+    does not."""
+    from aplot.lineage import preset_dir
+
     if Path(path).expanduser().exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
+        return
+    if preset_dir(path) != path:  # a bare preset name (recipes/models/<name>)
         return
     raise UserError(f"{what} path does not exist: {path}")
 
