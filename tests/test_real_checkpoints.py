@@ -6,7 +6,6 @@ here beyond a step or two)."""
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +22,11 @@ SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging F
 
 
 def imported(preset: str) -> str:
-    """The plain HF directory of a real checkpoint preset, imported once into the lineage."""
-    override = os.environ.get("APLOT_REAL_CHECKPOINTS")
-    if override:  # a directory holding <preset>/ imported by hand
-        return str(Path(override) / preset)
+    """The plain HF directory of a real checkpoint preset, imported once into outputs/lineage/ (make test
+    imports the small ones first)."""
     from aplot import lineage
 
-    return lineage.policy_path(f"recipes/models/{preset}")
+    return lineage.policy_path(preset)
 
 
 @pytest.fixture(scope="module")
