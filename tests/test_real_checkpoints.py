@@ -276,3 +276,30 @@ def test_zero3_on_smollm2_in_two_processes_saves_what_the_sharded_model_scores(s
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["zero_stage"] == 3 and metrics["processes"] == 2
     assert metrics["zero3_saved_vs_live_max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_ppo_from_smollm2_instruct_against_a_smollm2_reward_model(smol, smol_rm, tmp_path, capsys):
+    """The ppo stage on the real pair: the policy pads with <|endoftext|> (said in one line), the chat reward
+    model is reached through the bridge, and the saved policy keeps its tied embeddings and its new pad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines import ppo
+
+    rm_dir = tmp_path / "rm"
+    smol_rm.model.save_pretrained(rm_dir)
+    smol.tokenizer.save_pretrained(rm_dir)
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "sft_model_path": "smollm2-135m-instruct", "reward_model_path": str(rm_dir), "prompt_format": "conversational",
+        "retokenize_rewards": True, "n_prompts": 8, "n_eval_prompts": 2, "eval_samples_per_prompt": 1,
+        "gold_eval_steps": 0, "total_episodes": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+        "num_ppo_epochs": 1, "local_rollout_forward_batch_size": 4, "response_length": 6, "stop_token": "eos",
+        "save_strategy": "no", "num_sample_generations": 0, "report_to": "none", "disable_tqdm": True,
+        "bf16": False, "output_dir": str(tmp_path / "ppo")}))
+    metrics = ppo.main(["--config", str(recipe)])
+    assert f"{smol.path}: the policy pads with '<|endoftext|>' in PPO" in capsys.readouterr().out
+    assert metrics["updates"] == 1 and all(p["gold"] == p["gold"] for p in metrics["gold_curve"])
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
+    assert policy.lm_head.weight.data_ptr() == policy.get_input_embeddings().weight.data_ptr()
+    assert AutoTokenizer.from_pretrained(tmp_path / "ppo").pad_token == "<|endoftext|>"
