@@ -44,7 +44,14 @@ def run(args) -> dict:
         rendering_mismatch,
         same_tokenizer,
     )
-    from aplot.reward_model import RewardScorer, check_path, load_reward_model, load_tokenizer
+    from aplot.reward_model import (
+        RewardScorer,
+        check_path,
+        load_report,
+        load_reward_model,
+        load_tokenizer,
+        quiet_load_report,
+    )
 
     out = Path(args.output_dir)
     check_output_dir(out)
@@ -119,7 +126,11 @@ def run(args) -> dict:
     # The value model reads the policy's token ids: from the reward model when they share a vocabulary.
     value_path = (str(checkpoint / "value_model") if checkpoint else args.value_model_path
                   or (policy_path if vocab else args.reward_model_path))
-    value_model = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, **load)
+    with quiet_load_report():  # one line, not transformers' key table, when the value head is new
+        value_model, info = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1,
+                                                                               output_loading_info=True, **load)
+    if report := load_report(value_path, value_model, info):
+        print(f"value model: {report}")
     value_model.config.pad_token_id = tokenizer.pad_token_id
     scorer_for_ppo = (RetokenizedReward(proxy, tokenizer, prompts, [q for q in query_ids if q is not None])
                       if mismatch else reward_model)
