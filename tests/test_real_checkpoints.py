@@ -6,6 +6,7 @@ here beyond a step or two)."""
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,35 @@ def chat_pairs(n=4, split="test_id"):
     from aplot.data import world
 
     return Dataset.from_list([world.as_chat(r) for r in world.generate_split(split, n, 0)])
+
+
+# SmolLM2 always; the Qwen preset too under `APLOT_TEST_IMPORTS=qwen2.5-0.5b-instruct` (as make test-qwen sets it)
+CHAT_PRESETS = ["smollm2-135m-instruct", *os.environ.get("APLOT_TEST_IMPORTS", "").split()]
+
+
+@pytest.mark.parametrize("preset", CHAT_PRESETS)
+def test_every_stage_encodes_chat_as_the_checkpoints_own_template(preset):
+    """Training pairs, the scorer (evaluation, Best-of-N), Best-of-N's prompt text and PPO's queries: the very
+    ids of the checkpoint tokenizer's own apply_chat_template."""
+    from transformers import AutoTokenizer
+
+    from aplot.reward_model import RewardScorer, tokenize_pairs
+    from pipelines.bon import policy_inputs
+    from pipelines.ppo import encode_prompts
+
+    path = imported(preset)
+    tok = AutoTokenizer.from_pretrained(path)
+    pairs = chat_pairs(6)
+    for column in ("chosen", "rejected"):
+        rendered = [tok.apply_chat_template(p + c, tokenize=True, return_dict=False)
+                    for p, c in zip(pairs["prompt"], pairs[column])]
+        assert [list(x) for x in tokenize_pairs(pairs, tok, max_length=None)[0][f"{column}_ids"]] == rendered
+        assert RewardScorer(None, tok).encode_all(pairs["prompt"], pairs[column]) == rendered
+    prompts = list(pairs["prompt"])
+    queries, _ = encode_prompts(tok, prompts, None)
+    assert queries == [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+                       for p in prompts]
+    assert [tok(t, add_special_tokens=False)["input_ids"] for t in policy_inputs(path, prompts)] == queries
 
 
 def test_smollm2_roles_template_and_tied_embeddings_survive_a_save(smol, tmp_path):
