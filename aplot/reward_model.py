@@ -249,10 +249,16 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None, chat: bool = Fals
 
 
 def reward_stats(model) -> dict | None:
-    """The reward statistics `make rm` writes into a model's config.json (`reward_stats`: mean, std, and
-    the eval set and pairs they come from), or None for a directory saved without them."""
-    stats = getattr(getattr(model, "config", None), "reward_stats", None)
-    return stats if isinstance(stats, dict) and {"mean", "std"} <= stats.keys() else None
+    """The reward statistics in a model's config.json: `reward_stats` (what `make rm` writes: mean, std, and
+    the eval set and pairs they come from), else the top-level `mean` and `std` an OpenRLHF-trained reward
+    model carries (its RewardModelTrainer's evaluation writes them), or None for a directory without either."""
+    config = getattr(model, "config", None)
+    stats = getattr(config, "reward_stats", None)
+    if isinstance(stats, dict) and {"mean", "std"} <= stats.keys():
+        return stats
+    if hasattr(config, "mean") and hasattr(config, "std"):
+        return {"mean": config.mean, "std": config.std}
+    return None
 
 
 def normalization(model) -> tuple[float, float]:
@@ -277,7 +283,29 @@ def check_reward_stats(path: str) -> None:
     if config.is_file():
         values = json.loads(config.read_text())
         normalization(SimpleNamespace(config=SimpleNamespace(_name_or_path=path, **{
-            k: v for k, v in values.items() if k == "reward_stats"})))
+            k: v for k, v in values.items() if k in ("reward_stats", "mean", "std")})))
+
+
+def engine_config(model, stats: dict | None) -> dict:
+    """The config.json fields other engines read from a reward-model directory, for `make rm` to save.
+
+    OpenRLHF (openrlhf/models/model.py: `get_llm_for_sequence_regression`, `_get_reward_model`) puts a
+    bias-free `nn.Linear(hidden_size, 1)` named by the config's `value_head_prefix` on the base model, loads
+    its weight from `<prefix>.weight`, reads the last attended token and, asked to normalise, returns
+    `(r - mean) / std` from the config's `mean` and `std`; its train_rm saves those and `normalize_reward`
+    (which the loader then sets from its flag). verl's reward-model worker (verl/workers/fsdp_workers.py:
+    `RewardModelWorker._build_model`) loads the directory as `AutoModelForTokenClassification` with one
+    label, a head transformers builds with a bias unless `token_classification_bias` is false. Only a head
+    both read as trained (one output, no bias: a decoder's `score`) gets the fields; an encoder's
+    classifier (a bias, a pooler) would be read wrongly by both, so it gets none."""
+    name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+    head = getattr(model, name) if name else None
+    if not (isinstance(head, torch.nn.Linear) and head.out_features == 1 and head.bias is None):
+        return {}
+    fields = {"value_head_prefix": name, "normalize_reward": False, "token_classification_bias": False}
+    if stats and stats["std"] > 0:  # what `normalization` accepts: OpenRLHF would divide by it unchecked
+        fields.update(mean=stats["mean"], std=stats["std"])
+    return fields
 
 
 # The config.json key recording that a reward model was trained on string pairs rendered as chat turns.

