@@ -124,14 +124,16 @@ def encode_prompts(tokenizer, prompts, max_length, add_special_tokens: bool = Fa
     return ids, {"prompts": len(prompts), "too_long": too_long}
 
 
-def load_policy_tokenizer(policy_path: str, trainer: str, trust_remote_code: bool = False):
+def load_policy_tokenizer(policy_path: str, trainer: str, trust_remote_code: bool = False,
+                          allow_eos_pad: bool = False):
     """The policy's tokenizer, left-padded, with a pad token distinct from eos: both trainers find the end
-    of each response by its padding, so padding must not look like eos."""
+    of each response by its padding, so padding must not look like eos. `allow_eos_pad`: the caller gives
+    such a policy another pad of its own (PPO: `aplot.ppo.distinct_pad`)."""
     from aplot.reward_model import check_weights, load_tokenizer
 
     check_weights(policy_path, "policy", trust_remote_code)
     tokenizer = load_tokenizer(policy_path, trust_remote_code)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+    if not allow_eos_pad and (tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id):
         raise UserError(f"{policy_path}: the tokenizer needs a pad token distinct from eos for {trainer}")
     tokenizer.padding_side = "left"
     return tokenizer

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aplot.errors import UserError
 from aplot.policy import (  # noqa: F401  (the policy-stage names PPO's callers have always imported from here)
     GoldEvaluation,
     PolicyStageConfig,
@@ -64,6 +65,22 @@ class APLOTPPOConfig(PolicyStageConfig, PPOConfig):
         self.offline_wandb()
 
 
+def distinct_pad(tokenizer, query_ids: list[list[int]]) -> str:
+    """A pad token for a policy that pads with its eos (SmolLM2: both `<|im_end|>`) or not at all.
+
+    TRL's PPO takes every pad token for padding: it masks them out of the prompt (where a chat template's
+    `<|im_end|>` closes each turn) and ends each response at the first one, before the eos. So the policy
+    pads with another special token of its own vocabulary (no new embedding row), the first by id that no
+    prompt contains and that is not eos: SmolLM2's `<|endoftext|>`. Generation still stops at the eos."""
+    used = {t for ids in query_ids for t in ids}
+    special = sorted(set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values()))
+    for token_id in special:
+        if token_id != tokenizer.eos_token_id and token_id not in used:
+            return tokenizer.convert_ids_to_tokens(token_id)
+    raise UserError(f"{tokenizer.name_or_path}: the tokenizer pads with its eos (or not at all) and has no other "
+                    "special token that the prompts do not use, to pad with in PPO: give it a pad token")
+
+
 def rendering_mismatch(policy_tokenizer, reward_scorer, prompt, query_ids: list[int]) -> str | None:
     """None when a response reaches the reward model, through PPO, as the very token ids it was trained
     to score (`reward_scorer` encodes as its training did); else where they part. PPO scores `query +
@@ -75,7 +92,18 @@ def rendering_mismatch(policy_tokenizer, reward_scorer, prompt, query_ids: list[
     text = probe_response(prompt)
     sampled = policy_tokenizer(text, add_special_tokens=False)["input_ids"] + [policy_tokenizer.eos_token_id]
     trained = reward_scorer.encode(prompt, as_response(prompt, text))
-    return first_difference(list(query_ids) + sampled, trained, policy_tokenizer, "PPO")
+    scored = list(query_ids) + sampled
+    if scored == trained:
+        # Same ids; TRL's PPO reads the reward at the last one, the reward model at its last non-pad one,
+        # which for a reward model padding with its eos (SmolLM2) is the token before that eos.
+        pad = reward_scorer.model.config.pad_token_id
+        read = max((i for i, t in enumerate(trained) if t != pad), default=len(trained) - 1)
+        if read == len(trained) - 1:
+            return None
+        shown = [repr(policy_tokenizer.decode(trained[i:i + 1])) for i in (len(trained) - 1, read)]
+        return (f"read the reward at different tokens (PPO at the final {shown[0]}, the reward model, which pads "
+                f"with it, at {shown[1]} before it)")
+    return first_difference(scored, trained, policy_tokenizer, "PPO")
 
 
 class RetokenizedReward(torch.nn.Module):

@@ -272,8 +272,9 @@ def build_reward_model(path: str, tokenizer, dtype: str | None = None, trust_rem
                                                                trust_remote_code=trust_remote_code)
     else:
         try:
-            model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True,
-                                                                             **kwargs)
+            with quiet_load_report():
+                model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True,
+                                                                                 **kwargs)
         except (OSError, ValueError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"{path}: cannot be loaded as a sequence-classification model with safetensors "
@@ -282,8 +283,47 @@ def build_reward_model(path: str, tokenizer, dtype: str | None = None, trust_rem
         if require_head and missing:
             raise UserError(f"{path}: no trained score head in the weights ({missing[0]} is missing): a language "
                             "model, not a reward model")
+        if report := load_report(path, model, info):
+            print(report)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+class quiet_load_report:
+    """Silences transformers' per-key load report (a table of UNEXPECTED and MISSING keys that every
+    causal LM given a score head prints) while `load_report` says the same in one line."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        # A filter, not a level: transformers runs an extra tensor-parallel check (with its own
+        # warnings) when this logger's level is WARNING or above.
+        self.logger = logging.get_logger("transformers.modeling_utils")
+        self.logger.addFilter(self.drop)
+
+    @staticmethod
+    def drop(record) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self.drop)
+
+
+def load_report(path: str, model, info: dict) -> str | None:
+    """One line on how a checkpoint became this reward model: which head is new, which of the
+    checkpoint's weights were not used (a causal LM's `lm_head`), and any other weight left fresh."""
+    head = [k for k in info["missing_keys"] if any(p in HEAD_NAMES for p in k.split(".")[:-1])]
+    fresh = sorted(set(info["missing_keys"]) - set(head))
+    unused = sorted({k.split(".")[0] for k in info["unexpected_keys"]})
+    if not head and not fresh and not unused:
+        return None  # a reward model loaded whole: nothing to say
+    words = [f"new score head on {path} ({type(model).__name__}, {', '.join(sorted(head))} initialised)"
+             if head else f"reward model {path} ({type(model).__name__})"]
+    if unused:
+        words.append(f"not used: {', '.join(unused)}")
+    if fresh:
+        words.append(f"also initialised: {', '.join(fresh[:3])}{' ...' if len(fresh) > 3 else ''}")
+    return "; ".join(words)
 
 
 def load_reward_model(path: str, device: str | None = None, dtype: str | None = None,
@@ -334,9 +374,14 @@ class ScoreInputCapture:
         self.handle.remove()
 
 
-def truncate(ids: list[int], max_length: int | None) -> list[int]:
-    """Keep the last `max_length` tokens: a decoder's score head reads the end of the sequence."""
-    return ids[-max_length:] if max_length and len(ids) > max_length else ids
+def truncate(ids: list[int], max_length: int | None, keep_first: int | None = None) -> list[int]:
+    """Keep the last `max_length` tokens: a decoder's score head reads the end of the sequence. An
+    encoder's sequence keeps its leading `keep_first` token (BERT's [CLS], which its head reads)."""
+    if not max_length or len(ids) <= max_length:
+        return ids
+    if keep_first is not None and ids[0] == keep_first:
+        return ids[:1] + ids[len(ids) - max_length + 1:]
+    return ids[-max_length:]
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int | None, chat: bool = False):
@@ -348,8 +393,9 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None, chat: bool = Fals
     rejected = scorer.encode_all(prompts, dataset["rejected"])
     limit = max_length or float("inf")
     long = sum(max(len(c), len(r)) > limit for c, r in zip(chosen, rejected))
-    dataset = dataset.add_column("chosen_ids", [truncate(x, max_length) for x in chosen])
-    return dataset.add_column("rejected_ids", [truncate(x, max_length) for x in rejected]), long
+    cls = tokenizer.cls_token_id
+    dataset = dataset.add_column("chosen_ids", [truncate(x, max_length, cls) for x in chosen])
+    return dataset.add_column("rejected_ids", [truncate(x, max_length, cls) for x in rejected]), long
 
 
 def reward_stats(model) -> dict | None:
@@ -455,7 +501,7 @@ class RewardScorer:
     @torch.no_grad()
     def score_ids(self, ids, return_hidden=False, progress=False, desc="scoring"):
         """Rewards of encoded sequences (and the hidden states the score head read, if asked)."""
-        ids = [truncate(x, self.max_length) for x in ids]
+        ids = [truncate(x, self.max_length, self.tokenizer.cls_token_id) for x in ids]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         device = next(self.model.parameters()).device
         rewards = torch.empty(len(ids))

@@ -49,7 +49,8 @@ def run(args) -> dict:
         same_tokenizer,
         write_results,
     )
-    from aplot.ppo import RetokenizedReward, load_trainer_class, rendering_mismatch
+    from aplot.ppo import RetokenizedReward, distinct_pad, load_trainer_class, rendering_mismatch
+    from aplot.reward_model import load_report, quiet_load_report
 
     check_model_paths(args)
     prompts, eval_prompts = load_stage_prompts(args)
@@ -61,11 +62,16 @@ def run(args) -> dict:
 
     # Every model and tokenizer is loaded, and the pair checked, before the first update.
     policy_path = lineage.policy_path(args.sft_model_path, args.lineage_dir)
-    tokenizer = load_policy_tokenizer(policy_path, "PPO", args.trust_remote_code)
+    # PPO pads a policy whose pad is its eos with another token of its own (below, aplot.ppo.distinct_pad).
+    tokenizer = load_policy_tokenizer(policy_path, "PPO", args.trust_remote_code, allow_eos_pad=True)
     reward_model, reward_tokenizer, proxy, gold = load_scorers(args)
 
     query_ids, counts = encode_prompts(tokenizer, prompts, args.max_prompt_length)
     eval_ids, _ = encode_prompts(tokenizer, eval_prompts, None)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # PPO finds the end of each response by its padding, so padding must not look like eos.
+        tokenizer.pad_token = distinct_pad(tokenizer, [q for q in query_ids + eval_ids if q is not None])
+        print(f"{policy_path}: the policy pads with {tokenizer.pad_token!r} in PPO (its own pad is its eos)")
     # TRL's PPO hands the reward model the policy's token ids (query, response, eos) and reads the reward
     # at the eos: checked before the first update that those are the ids the reward model was trained on.
     vocab = same_tokenizer(tokenizer, reward_tokenizer)
@@ -94,10 +100,16 @@ def run(args) -> dict:
     start_path = str(checkpoint) if checkpoint else policy_path
     policy = AutoModelForCausalLM.from_pretrained(start_path, **load)
     reference = AutoModelForCausalLM.from_pretrained(policy_path, **load)
+    for model in (policy, reference):  # sequences that stop early are padded with the tokenizer's pad
+        model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     # The value model reads the policy's token ids: from the reward model when they share a vocabulary.
     value_path = (str(checkpoint / "value_model") if checkpoint else args.value_model_path
                   or (policy_path if vocab else args.reward_model_path))
-    value_model = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, **load)
+    with quiet_load_report():  # one line, not transformers' key table, when the value head is new
+        value_model, info = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1,
+                                                                               output_loading_info=True, **load)
+    if report := load_report(value_path, value_model, info):
+        print(f"value model: {report}")
     value_model.config.pad_token_id = tokenizer.pad_token_id
     # Every model is loaded: only now does the run start working (aside, out stays as it is till the end).
     if PartialState().is_main_process:
