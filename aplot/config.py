@@ -261,14 +261,17 @@ def check_model_source(path: str | None, what: str, trust_remote_code: bool = Fa
     preset's own files (its preset.yaml read as strictly as a recipe), or a model directory under the one
     loading policy (`aplot.reward_model.check_weights`; no weights there is refused unless init_from:
     scratch asks for fresh ones)."""
-    from aplot import lineage
+    from aplot import checkpoints, lineage
     from aplot.reward_model import check_path, check_weights, read_json
 
     if not path:
         raise UserError("model_name_or_path is not set: name a model directory, hub id or config directory")
     path = lineage.EMBEDDED if what == "policy" and path == "embedded" else path
     check_path(path, what)
-    if lineage.is_preset(path):
+    path = lineage.preset_dir(path)  # a bare preset name is its folder under recipes/models/
+    if checkpoints.is_imported(path):
+        checkpoints.load_source(path)  # a real checkpoint's preset: its pinned source, read strictly
+    elif lineage.is_preset(path):
         preset = lineage.load_preset(path)
         if read_json(Path(path) / "config.json").get("auto_map"):
             raise UserError(f"{Path(path) / 'config.json'}: names code to import (auto_map); a preset is data: "

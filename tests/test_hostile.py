@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from aplot.errors import UserError
+from aplot.outputs import WORK
 from tests.conftest import snapshot
 from tests.test_bad_input import RM_BASE, bad_models, data, earlier_run, fails_with  # noqa: F401 (fixtures)
 
@@ -463,7 +464,8 @@ def test_command_line_duplicate_key_and_ctrl_c(tmp_path):
                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             try:
                 if attempt == 0:
-                    wait_for(lambda: any(out.glob("checkpoint-*/trainer_state.json")), process)
+                    # a run works aside (aplot.outputs.WORK) until it publishes: its checkpoints are there
+                    wait_for(lambda: any((out / WORK).glob("checkpoint-*/trainer_state.json")), process)
                 else:  # the printed command continues the interrupted run
                     wait_for(lambda log=log: "resuming from" in log.read_text(), process)
                 time.sleep(1)

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from aplot.errors import UserError
+from aplot.outputs import WORK
 from tests.conftest import snapshot
 
 pytestmark = pytest.mark.core  # run on the newest line too (make test-latest)
@@ -115,11 +116,11 @@ def test_killed_rloo_resumes_from_its_checkpoint(tmp_path, embedded_rms):
     command = [sys.executable, "-m", "pipelines.rloo", "--config", recipe]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("checkpoint-*/gold_history.json")):
+    while time.time() < deadline and not list((out / WORK).glob("checkpoint-*/gold_history.json")):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/gold_history.json"))
+    saved = sorted(int(p.parent.name.split("-")[1]) for p in (out / WORK).glob("checkpoint-*/gold_history.json"))
     assert saved and saved[-1] < 10, "the run should be killed mid-training"
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
