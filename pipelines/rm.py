@@ -54,8 +54,7 @@ def run(data_cfg, args, model_cfg) -> dict:
     from aplot.trainer import APLOTRewardTrainer
 
     check_model_source(model_cfg.model_name_or_path, "model", args.trust_remote_code, model_cfg.init_from)
-    out = Path(args.output_dir)
-    check_writable(out)
+    out = Path(args.output_dir)  # checked writable by lock() in main(), before any of this
 
     # Everything that can fail on bad input happens before training starts (the data first: building a
     # preset's lineage below takes a while the first time).
@@ -193,13 +192,6 @@ def record_reward_stats(out: Path, rewards: dict, results: dict, model) -> dict 
     fields = engine_config(model, stats) | ({"reward_stats": stats} if stats else {})
     write_json(out / "config.json", {**config, **fields})
     return stats
-
-
-def check_writable(out: Path) -> None:
-    """Fail before any work when the output directory cannot be written (used by every stage)."""
-    from aplot.outputs import check_output_dir
-
-    check_output_dir(out)
 
 
 if __name__ == "__main__":
