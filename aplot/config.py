@@ -73,6 +73,9 @@ class DataConfig:
     spoken_top_p: float = field(default=0.95, metadata={"help": "Spoken world: nucleus sampling mass."})
     spoken_max_new_tokens: int = field(default=64, metadata={"help": "Spoken world: longest response in tokens."})
     spoken_seed: int = field(default=0, metadata={"help": "Spoken world: sampling seed (one per prompt from it)."})
+    spoken_pairs_per_prompt: int = field(default=1, metadata={
+        "help": "Spoken world: pairs drawn from each prompt's samples, no sample in two (pairs only: the samples "
+                "and their cache do not depend on it)."})
     spoken_chunk_prompts: int = field(default=16, metadata={
         "help": "Spoken world: prompts per sampling chunk (what a kill can lose)."})
     spoken_dir: str = field(default="outputs/spoken", metadata={
@@ -470,6 +473,8 @@ def run_settings(data_cfg, args, model_cfg) -> dict:
             "use_peft": model_cfg.use_peft,
             # only when in use, so the settings of runs made before these keys existed stay valid
             **({k: getattr(data_cfg, k) for k in SPOKEN_KEYS} if data_cfg.dataset_name == "spoken" else {}),
+            **({"spoken_pairs_per_prompt": data_cfg.spoken_pairs_per_prompt}
+               if data_cfg.dataset_name == "spoken" and data_cfg.spoken_pairs_per_prompt != 1 else {}),
             **({"ot_embedder": args.ot_embedder} if getattr(args, "ot_embedder", None) else {}),
             "processes": args.world_size}
 

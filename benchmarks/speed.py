@@ -93,7 +93,7 @@ def scoring(s: BenchSettings) -> dict:
     import torch
 
     from aplot.data.world import build_tokenizer, generate_split
-    from aplot.reward_model import RewardScorer, build_reward_model, truncate
+    from aplot.reward_model import build_reward_model
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
@@ -101,15 +101,25 @@ def scoring(s: BenchSettings) -> dict:
     rows = generate_split("test_id", s.score_sequences // 2, 0)
     prompts = [r["prompt"] for r in rows] * 2
     responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    batch_size = 256  # the Best-of-N recipe's score_batch_size
-    scorer = RewardScorer(model, tokenizer, batch_size=batch_size, max_length=128)
+    # the Best-of-N recipe's score_batch_size
+    return scoring_on(model, tokenizer, prompts, responses, batch_size=256, repeats=s.score_repeats)
+
+
+def scoring_on(model, tokenizer, prompts, responses, batch_size: int, repeats: int, max_length: int = 128,
+               chat: bool | None = None) -> dict:
+    """`scoring`'s measurement on any reward model and texts (benchmarks.real_speed: a real checkpoint)."""
+    import torch
+
+    from aplot.reward_model import RewardScorer, truncate
+
+    scorer = RewardScorer(model, tokenizer, batch_size=batch_size, max_length=max_length, chat=chat)
     ids = scorer.encode_all(prompts, responses)
 
     # The scorer's own batches (sorted by length, padded to the longest), built before the clock starts.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = []
     for start in range(0, len(order), batch_size):
-        part = [truncate(ids[i], 128) for i in order[start:start + batch_size]]
+        part = [truncate(ids[i], max_length) for i in order[start:start + batch_size]]
         width = max(map(len, part))
         input_ids = torch.full((len(part), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
@@ -126,7 +136,7 @@ def scoring(s: BenchSettings) -> dict:
     variants = {"bare_forward": bare, "scorer_ids": lambda: scorer.score_ids(ids),
                 "scorer_texts": lambda: scorer.score(prompts, responses)}
     times = {name: [] for name in variants}
-    for rep in range(s.score_repeats + 1):
+    for rep in range(repeats + 1):
         names = list(variants)
         names = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
         for name in names:

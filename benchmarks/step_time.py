@@ -1,4 +1,5 @@
-"""Benchmark: APLOT/BT training-step time on the embedded default, measured side by side in one run.
+"""Benchmark: APLOT/BT training-step time of a recipe's reward model (the embedded default unless told), side
+by side in one run.
 
 Two trainers start from the same weights and take the same batches; their steps (forward,
 backward, optimizer) are interleaved, alternating which goes first, so machine noise hits both
@@ -6,6 +7,7 @@ alike. Prints the median of the per-step time ratios with its interquartile rang
 solve's share of an APLOT step.
 
     python -m benchmarks.step_time [--steps 60] [--batch 16] [--threads 1] [--recipe recipes/rm/embedded.yaml]
+    python -m benchmarks.step_time --recipe recipes/rm/smollm2-135m-instruct.yaml --steps 8 --warmup 2   # real
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,7 +52,7 @@ def measure(opts):
 
     from aplot.config import parse_rm_recipe
     from aplot.data import load_train
-    from aplot.lineage import tokenizer_path
+    from aplot.lineage import model_path, tokenizer_path
     from aplot.reward_model import build_reward_model, has_weights, load_tokenizer
     from aplot.trainer import APLOTRewardTrainer
 
@@ -58,10 +61,15 @@ def measure(opts):
               "--per_device_train_batch_size", str(opts.batch), "--n_train", str(n_pairs), "--disable_tqdm", "true",
               "--eval_strategy", "no"]
     data_cfg, _, model_cfg = parse_rm_recipe(common)
-    tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path or tokenizer_path(model_cfg.model_name_or_path))
+    tokenizer = load_tokenizer(data_cfg.tokenizer_name_or_path
+                               or tokenizer_path(model_cfg.model_name_or_path, model_cfg.lineage_dir))
     train, _ = load_train(data_cfg)
     torch.manual_seed(0)
+    # what `make rm` starts from: a preset's (or an imported checkpoint's) weights, or the recipe's path itself;
+    # an embedded preset with no weights yet is built from its config (the step time does not depend on them)
     path = model_cfg.model_name_or_path
+    if model_cfg.init_from != "scratch" and (has_weights(path) or not Path(path, "config.json").is_file()):
+        path = model_path(path, model_cfg.init_from, model_cfg.lineage_dir)
     base = build_reward_model(path, tokenizer, fresh=not has_weights(path))
 
     trainers = {}

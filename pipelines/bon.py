@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from aplot.bon import as_response
+from aplot.bon import as_response, policy_inputs
 from aplot.errors import UserError, run_pipeline
 
 
@@ -246,16 +246,6 @@ def best_of_n(cfg: BonConfig, state) -> dict:
 
 RESULTS = ("bon_table.json", "bon_table.csv", "bon.png", "metrics.json")
 CACHES = ("samples.jsonl", "samples.settings.json", "scores.jsonl", "scores.settings.json")
-
-
-def policy_inputs(policy, prompts, trust_remote_code=False) -> list[str]:
-    """What the policy is prompted with: the text itself, or conversations through its chat template."""
-    if all(isinstance(p, str) for p in prompts):
-        return prompts
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=trust_remote_code)
-    return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
 
 
 def score_samples(scorer, prompts, items) -> list[float]:

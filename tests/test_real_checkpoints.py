@@ -65,8 +65,8 @@ def test_every_stage_encodes_chat_as_the_checkpoints_own_template(preset):
     ids of the checkpoint tokenizer's own apply_chat_template."""
     from transformers import AutoTokenizer
 
+    from aplot.bon import policy_inputs
     from aplot.reward_model import RewardScorer, tokenize_pairs
-    from pipelines.bon import policy_inputs
     from pipelines.ppo import encode_prompts
 
     path = imported(preset)
@@ -117,9 +117,10 @@ def test_reward_model_from_smollm2_says_new_score_head_in_one_line(smol, capfd):
 
 
 def test_chat_ids_equal_apply_chat_template_in_training_scoring_bon_and_ppo(smol, smol_rm):
+    from aplot.bon import policy_inputs
     from aplot.ppo import RetokenizedReward, rendering_mismatch
     from aplot.reward_model import tokenize_pairs
-    from pipelines.bon import policy_inputs, score_samples
+    from pipelines.bon import score_samples
     from pipelines.ppo import encode_prompts
 
     tok = smol.tokenizer

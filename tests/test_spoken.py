@@ -309,3 +309,31 @@ def test_vllm_backend_builds_pairs_labelled_by_the_gold_and_a_rerun_reads_the_ca
             assert gold_by_hand(request, row["chosen"][0]["content"]) - gold_by_hand(
                 request, row["rejected"][0]["content"]) == pytest.approx(row["gold_gap"], abs=1e-6)
     assert json.loads((samples.parent / "spoken.json").read_text())["settings"]["backend"] == "vllm"
+
+
+def test_several_pairs_per_prompt_use_distinct_samples_each_labelled_by_the_gold():
+    request = "Write two sentences about a trip that mention apple, river and stone, and never mention cloud."
+    responses = ["Apple, river, stone.", "An apple by the river.", "An apple.", "A cloud over an apple.",
+                 "River, stone and apple under a cloud.", "Nothing here.", "A river.", "Stones."]
+    pairs = spoken.choose_pairs(request, responses, 0, 0, 0.5, k=4)
+    assert 2 <= len(pairs) <= 4
+    used = [i for p in pairs for i in (p["chosen_sample"], p["rejected_sample"])]
+    assert len(used) == len(set(used))  # no response in two pairs
+    for p in pairs:
+        chosen, rejected = gold_by_hand(request, p["chosen"]), gold_by_hand(request, p["rejected"])
+        assert chosen > rejected and p["gold_gap"] == pytest.approx(chosen - rejected, abs=1e-6)
+        assert (p["gold_gap"] <= spoken.HARD_GAP) == (p["difficulty"] == "hard")
+        assert responses[p["chosen_sample"]] == p["chosen"] and responses[p["rejected_sample"]] == p["rejected"]
+    assert spoken.choose_pairs(request, responses, 0, 0, 0.5, k=1) == [spoken.choose_pair(request, responses, 0, 0,
+                                                                                           0.5)]
+    assert spoken.choose_pairs(request, ["Same.", "Same!"], 0, 0, 0.5, k=2) == []  # no gold gap: no pair
+
+
+def test_pairs_per_prompt_beyond_half_the_samples_fail_in_one_line(tmp_path):
+    from aplot.config import parse_rm_recipe
+    from aplot.errors import UserError
+
+    data_cfg, _, _ = parse_rm_recipe(["--config", "recipes/rm/spoken-smollm2.yaml", "--spoken_samples", "4",
+                                      "--spoken_pairs_per_prompt", "3", "--spoken_dir", str(tmp_path)])
+    with pytest.raises(UserError, match="spoken_pairs_per_prompt must be <= 2, got 3"):
+        spoken.sampling_settings(data_cfg)

@@ -7,9 +7,10 @@ The labels are synthetic (the gold reward of `aplot.data.world`, applied to the 
 is a real model's. As real preference data is collected, each prompt gets several samples from the policy
 (vLLM by default, transformers as the reference) and one pair is chosen among them: `hard` (a gold gap of at
 most 0.55 between the most similar texts) or `easy` (a gap of at least 0.6), mixed as `hard_fraction` asks
-while the samples allow. The constraints of a split are drawn as the world draws them (`test_ood`: 4 words
-from both topics); train and `test_id` constraints fall in disjoint hash buckets, so no two splits share a
-prompt, and no prompt repeats within a split.
+while the samples allow; `spoken_pairs_per_prompt` (1 by default) pairs of distinct samples per prompt. The
+constraints of a split are drawn as the world draws them (`test_ood`: 4 words from both topics); train and
+`test_id` constraints fall in disjoint hash buckets, so no two splits share a prompt, and no prompt repeats
+within a split.
 
 The samples are built once into `<spoken_dir>/<policy>-<hash of the sampling settings>/samples.jsonl`
 (`aplot.bon`'s resumable cache, seeded per prompt, so a killed build resumes to identical rows); other
@@ -102,6 +103,9 @@ def sampling_settings(data_cfg) -> dict:
     check_range("spoken_top_p", s["top_p"], low=0.0, high=1.0, low_open=True)
     check_range("spoken_max_new_tokens", s["max_new_tokens"], low=1)
     check_range("spoken_chunk_prompts", data_cfg.spoken_chunk_prompts, low=1)
+    # not a sampling setting (pairs are drawn from the samples afterwards), but bounded by them
+    check_range("spoken_pairs_per_prompt", data_cfg.spoken_pairs_per_prompt, low=1,
+                high=s["samples_per_prompt"] // 2)
     return {**s, "world_seed": data_cfg.world_seed, "requests": REQUEST_VERSION}
 
 
@@ -148,9 +152,7 @@ class SpokenWorld:
         if self.sampler is None:
             policy = self.policy()
             self.sampler = (bon.VLLMSampler(policy) if s["backend"] == "vllm" else bon.TransformersSampler(policy))
-            from pipelines.bon import policy_inputs
-
-            self.render = lambda requests: policy_inputs(policy, [chat_prompt(r) for r in requests])
+            self.render = lambda requests: bon.policy_inputs(policy, [chat_prompt(r) for r in requests])
         params = {"temperature": s["temperature"], "top_p": s["top_p"], "max_new_tokens": s["max_new_tokens"]}
         # Seeds per (split, prompt): the splits' prompt indices are offset so no two prompts share a seed.
         offset = {"train": 0, "test_id": 1 << 24, "test_ood": 2 << 24}[split]
@@ -176,8 +178,9 @@ class SpokenWorld:
                 raise UserError(f"spoken world: {split}: the policy's samples gave only {len(rows)} pairs from "
                                 f"{next_index} prompts ({n_pairs} asked for); raise spoken_samples or "
                                 "spoken_temperature, or ask for fewer pairs")
-            # Sample what the remaining pairs need (about one prompt a pair), a chunk at least.
-            want = max(n_pairs - len(rows), self.cfg.spoken_chunk_prompts)
+            # Sample what the remaining pairs need (about one prompt per pairs_per_prompt), a chunk at least.
+            per_prompt = self.cfg.spoken_pairs_per_prompt
+            want = max(-(-(n_pairs - len(rows)) // per_prompt), self.cfg.spoken_chunk_prompts)
             batch = list(range(next_index, next_index + want))
             while len(requests_) < batch[-1] + 1:
                 requests_.append(next(gen))
@@ -186,13 +189,12 @@ class SpokenWorld:
                 if len(rows) == n_pairs:
                     break
                 counts["prompts"] += 1
-                pair = choose_pair(requests_[i], self.responses(split, i), counts["hard"], len(rows),
-                                   self.cfg.hard_fraction)
-                if pair is None:
-                    counts["no_pair"] += 1
-                    continue
-                counts[pair["difficulty"]] += 1
-                rows.append({**pair, "prompt_index": i})
+                found = choose_pairs(requests_[i], self.responses(split, i), counts["hard"], len(rows),
+                                     self.cfg.hard_fraction, min(per_prompt, n_pairs - len(rows)))
+                counts["no_pair"] += not found
+                for pair in found:
+                    counts[pair["difficulty"]] += 1
+                    rows.append({**pair, "prompt_index": i})
             next_index = batch[-1] + 1
         return rows, counts
 
@@ -217,13 +219,15 @@ def similarity(a: str, b: str) -> float:
 
 
 def choose_pair(request: str, responses: list[str], hard_so_far: int, pairs_so_far: int,
-                hard_fraction: float) -> dict | None:
-    """One pair among a prompt's samples: hard when the mix so far is short of `hard_fraction` (and the
-    samples have one), else easy, else whichever they have; None when no two samples differ enough."""
+                hard_fraction: float, used=frozenset()) -> dict | None:
+    """One pair among a prompt's samples (those not in `used`): hard when the mix so far is short of
+    `hard_fraction` (and the samples have one), else easy, else whichever they have; None when no two samples
+    differ enough."""
     golds = [world.gold_reward(request, r) for r in responses]
     candidates = {"hard": [], "easy": []}
-    for a in range(len(responses)):
-        for b in range(a + 1, len(responses)):
+    free = [a for a in range(len(responses)) if a not in used]
+    for x, a in enumerate(free):
+        for b in free[x + 1:]:
             gap = abs(golds[a] - golds[b])
             if gap < 1e-9:
                 continue
@@ -243,6 +247,21 @@ def choose_pair(request: str, responses: list[str], hard_so_far: int, pairs_so_f
     return {"prompt": request, "chosen": responses[a].strip(), "rejected": responses[b].strip(), "difficulty": kind,
             "gold_gap": round(abs(golds[a] - golds[b]), 6), "chosen_gold": golds[a], "rejected_gold": golds[b],
             "chosen_sample": a, "rejected_sample": b}
+
+
+def choose_pairs(request: str, responses: list[str], hard_so_far: int, pairs_so_far: int,
+                 hard_fraction: float, k: int = 1) -> list[dict]:
+    """Up to `k` pairs among a prompt's samples, each chosen as `choose_pair` chooses among the samples no
+    earlier pair took: no response is in two pairs, as in preference data that compares each response once."""
+    found, used = [], set()
+    while len(found) < k:
+        pair = choose_pair(request, responses, hard_so_far + sum(p["difficulty"] == "hard" for p in found),
+                           pairs_so_far + len(found), hard_fraction, frozenset(used))
+        if pair is None:
+            break
+        found.append(pair)
+        used |= {pair["chosen_sample"], pair["rejected_sample"]}
+    return found
 
 
 def flip_labels(rows: list[dict], label_noise: float, seed: int) -> list[dict]:
