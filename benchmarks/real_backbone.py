@@ -185,7 +185,7 @@ def read_index(seq, pad_id) -> int:
 
 def recipe_args(s: RealSettings, work: Path, **overrides) -> list[str]:
     samples = overrides.get("spoken_samples", s.spoken_samples)
-    # Large chunks: vLLM's CPU build drew 2.7 samples a second here at 256 sequences a step, 1.5 at 64. The
+    # Large chunks: vLLM's CPU build drew 2.5-2.7 samples a second here at 256 sequences a step, 1.5 at 64. The
     # same chunks wherever the pairs are read, so reading them never asks for a prompt the build did not
     # sample (and so never starts a sampler).
     base = {"n_train": s.n_train, "n_eval": s.n_eval, "spoken_samples": samples,
@@ -429,12 +429,8 @@ def main(argv=None) -> dict:
                **run(s, work, lambda m: print(f"{time.perf_counter() - t0:6.0f} s  {m}", flush=True))}
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     results["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    out = Path(opts.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "real_backbone.json").write_text(json.dumps(results, indent=1) + "\n")
-    if (out / "results.json").exists():
-        report.write(out / "results.json", out)
-    print(f"wrote {out / 'real_backbone.json'}; {results['wall_seconds'] / 60:.1f} min in all")
+    file = report.write_section(opts.results, "real_backbone.json", results)
+    print(f"wrote {file}; {results['wall_seconds'] / 60:.1f} min in all")
     return results
 
 

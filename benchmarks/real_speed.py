@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def measure(preset: str, recipe: str, step_steps: int, score_sequences: int, gen_prompts: int, gen_n: int,
-            gen_tokens: int, repeats: int, work: Path, log=print) -> dict:
+            gen_tokens: int, repeats: int, work: Path, lineage_dir: str | None = None, log=print) -> dict:
     import torch
 
     from aplot.config import parse_rm_recipe
@@ -28,7 +28,7 @@ def measure(preset: str, recipe: str, step_steps: int, score_sequences: int, gen
     from benchmarks import speed, step_time
 
     data_cfg, args, model_cfg = parse_rm_recipe(["--config", recipe])
-    path = model_path(preset, "sft", model_cfg.lineage_dir)
+    path = model_path(preset, "sft", lineage_dir or model_cfg.lineage_dir)
     result = {"preset": preset, "path": path, "recipe": recipe, "torch_threads": torch.get_num_threads()}
 
     t = time.perf_counter()
@@ -51,8 +51,11 @@ def measure(preset: str, recipe: str, step_steps: int, score_sequences: int, gen
     del model
     log(f"{preset}: scorer/bare {result['scoring']['scorer_ids_over_bare']['median']:.3f}")
 
+    if not gen_prompts:
+        result["generation"] = {"status": "not measured", "error": "not asked for (--gen_prompts 0)"}
+        return result
     t = time.perf_counter()
-    out = work / f"generation_{preset}.json"
+    out = work / f"generation_{Path(preset).name}.json"
     work.mkdir(parents=True, exist_ok=True)
     done = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--model", path, "--n_prompts",
                            str(gen_prompts), "--n", str(gen_n), "--max_new_tokens", str(gen_tokens), "--repeats",
@@ -74,28 +77,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--recipe", default=None, help="default: recipes/rm/<preset>.yaml")
     parser.add_argument("--step_steps", type=int, default=6, help="measured training steps per loss")
     parser.add_argument("--score_sequences", type=int, default=256)
-    parser.add_argument("--gen_prompts", type=int, default=8)
+    parser.add_argument("--gen_prompts", type=int, default=8, help="0: no vLLM/transformers measurement")
     parser.add_argument("--gen_n", type=int, default=16)
     parser.add_argument("--gen_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--results", default="benchmarks")
     parser.add_argument("--work", default="outputs/bench-speed-real")
+    parser.add_argument("--lineage_dir", default=None, help="where the preset is imported (default: the recipe's)")
     opts = parser.parse_args(argv)
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     result = measure(opts.preset, opts.recipe or f"recipes/rm/{opts.preset}.yaml", opts.step_steps,
                      opts.score_sequences, opts.gen_prompts, opts.gen_n, opts.gen_tokens, opts.repeats,
-                     Path(opts.work))
+                     Path(opts.work), opts.lineage_dir)
     result.update(started=started, wall_seconds=round(time.perf_counter() - t0, 1), targets=TARGETS,
                   environment=environment(),
                   peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
-    out = Path(opts.results)
-    out.mkdir(parents=True, exist_ok=True)
-    file = out / "real_speed.json"
+    file = Path(opts.results) / "real_speed.json"
     entries = json.loads(file.read_text()) if file.exists() else {}
-    entries[opts.preset] = result
-    file.write_text(json.dumps(entries, indent=1) + "\n")
-    if (out / "results.json").exists():
-        report.write(out / "results.json", out)
+    report.write_section(opts.results, file.name, {**entries, Path(opts.preset).name: result})
     print(f"wrote {file}; {result['wall_seconds'] / 60:.1f} min")
     return result
 

@@ -11,7 +11,7 @@ import torch
 from benchmarks import real_backbone, report
 from tests.conftest import make_preset
 
-pytestmark = pytest.mark.core
+# Not `core`: like tests/test_benchmarks.py, these test the bench, which runs on the pinned line.
 
 
 def whole_and_split_scores(path, top_layers, texts):
@@ -116,3 +116,23 @@ def test_section_runs_end_to_end_on_the_tiny_policy(tmp_path):
     assert text.count("against bt, in distribution") == 2 * 2 and "Best-of-4 gold" in text
     assert "The labels are synthetic" in text and "gold itself (ceiling)" in text
     assert report.plot_real_backbone(real, tmp_path / "real.png") and (tmp_path / "real.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_speed_ratios_on_a_preset_reach_the_report(tmp_path):
+    """benchmarks.real_speed end to end on the tiny architecture (no vLLM here: its engine start alone is
+    a minute): both ratios measured, recorded by preset, and rendered with their targets."""
+    from benchmarks import real_speed
+
+    preset = make_preset(tmp_path)
+    results = tmp_path / "results"
+    result = real_speed.main(["--preset", preset, "--recipe", "recipes/rm/embedded.yaml", "--lineage_dir",
+                              str(tmp_path / "lineage"), "--step_steps", "2", "--score_sequences", "16",
+                              "--repeats", "1", "--gen_prompts", "0", "--results", str(results),
+                              "--work", str(tmp_path / "work")])
+    assert result["step"]["steps"] == 2 and result["step"]["aplot_over_bt"] > 0
+    assert result["scoring"]["sequences"] == 16 and result["scoring"]["scorer_ids_over_bare"]["median"] > 0
+    entries = json.loads((results / "real_speed.json").read_text())
+    assert list(entries) == ["tiny-fast"]
+    text = "\n".join(report.render_real_speed(entries))
+    assert "`tiny-fast`" in text and "target <= 1.01" in text and "not measured" in text
