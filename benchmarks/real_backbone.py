@@ -12,10 +12,10 @@ calls it, in a plain PyTorch loop: TRL's trainer takes token ids, not cached hid
 by the project's one encoding (`reward_model.tokenize_pairs`, the checkpoint's own chat template), and the
 reward is read where the scorer and the trainer read it (the last non-pad token).
 
-    python -m benchmarks.real_backbone [--form full|quick|micro] [--results benchmarks]
+    python -m benchmarks.real_backbone [--form full|quick] [--results benchmarks]
 
 The samples are drawn in a child process (vLLM's engine is gone when it exits) into the spoken world's own
-resumable cache under the work directory, so an interrupted run resumes its sampling.
+resumable caches under `spoken_dir` (shared by the forms), so an interrupted run resumes its sampling.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def read_index(seq, pad_id) -> int:
 
 # ------------------------------------------------------------------------------------------ data
 
-def recipe_args(s: RealSettings, work: Path, **overrides) -> list[str]:
+def recipe_args(s: RealSettings, **overrides) -> list[str]:
     samples = overrides.get("spoken_samples", s.spoken_samples)
     # Large chunks: vLLM's CPU build drew 2.5-2.7 samples a second here at 256 sequences a step, 1.5 at 64. The
     # same chunks wherever the pairs are read, so reading them never asks for a prompt the build did not
@@ -194,43 +194,43 @@ def recipe_args(s: RealSettings, work: Path, **overrides) -> list[str]:
     return ["--config", s.recipe, *[a for k, v in base.items() for a in (f"--{k}", str(v))], *s.extra]
 
 
-def data_config(s: RealSettings, work: Path, **overrides):
+def data_config(s: RealSettings, **overrides):
     from aplot.config import parse_rm_recipe
 
-    return parse_rm_recipe(recipe_args(s, work, **overrides))
+    return parse_rm_recipe(recipe_args(s, **overrides))
 
 
-def sample(s: RealSettings, work: Path) -> dict:
+def sample(s: RealSettings) -> dict:
     """Every sample the section reads, drawn in this process (run as a child by `main`): the pairs' prompts
     and the Best-of-N prompts, each into its spoken-world cache."""
     from aplot.data import spoken
 
     start = time.perf_counter()
-    data_cfg, _, _ = data_config(s, work)
+    data_cfg, _, _ = data_config(s)
     built = str(spoken.build(data_cfg))
-    bon_cfg, _, _ = data_config(s, work, spoken_samples=s.bon_samples, spoken_pairs_per_prompt=1)
+    bon_cfg, _, _ = data_config(s, spoken_samples=s.bon_samples, spoken_pairs_per_prompt=1)
     world = spoken.SpokenWorld(bon_cfg)
     world.sample("test_id", list(range(s.bon_prompts)), spoken.first_requests("test_id", bon_cfg.world_seed,
                                                                              s.bon_prompts))
     return {"pairs_dir": built, "bon_dir": str(world.dir), "seconds": time.perf_counter() - start}
 
 
-def load_pairs(s: RealSettings, work: Path, noise: float):
+def load_pairs(s: RealSettings, noise: float):
     """The training pairs (labels flipped as `noise` says) and the held-out splits, from the cache."""
     from aplot.data import spoken
 
-    data_cfg, args, model_cfg = data_config(s, work, label_noise=noise)
+    data_cfg, args, model_cfg = data_config(s, label_noise=noise)
     train, counts = spoken.spoken_split(data_cfg, "train", train=True, layout="conversational")
     evals = {split: spoken.spoken_split(data_cfg, split, layout="conversational")[0] for split in ("test_id",
                                                                                                   "test_ood")}
     return train, evals, counts, data_cfg, args, model_cfg
 
 
-def bon_samples(s: RealSettings, work: Path):
+def bon_samples(s: RealSettings):
     """requests, responses [P][N] and their gold rewards, from the Best-of-N cache."""
     from aplot.data import spoken, world
 
-    bon_cfg, _, _ = data_config(s, work, spoken_samples=s.bon_samples, spoken_pairs_per_prompt=1)
+    bon_cfg, _, _ = data_config(s, spoken_samples=s.bon_samples, spoken_pairs_per_prompt=1)
     cache = spoken.SpokenWorld(bon_cfg)
     requests = spoken.first_requests("test_id", bon_cfg.world_seed, s.bon_prompts)
     responses = [cache.responses("test_id", i) for i in range(s.bon_prompts)]
@@ -353,7 +353,7 @@ def run(s: RealSettings, work: Path, log=print) -> dict:
     log(f"sampling: {results['timing']['sampling_s']:.0f} s")
 
     t = time.perf_counter()
-    data_cfg, args, model_cfg = data_config(s, work)
+    data_cfg, args, model_cfg = data_config(s)
     # the directory `make rm` would start from (an imported preset's weights), and its tokenizer
     backbone = lineage.model_path(model_cfg.model_name_or_path, model_cfg.init_from, model_cfg.lineage_dir)
     tokenizer = load_tokenizer(backbone)
@@ -361,13 +361,13 @@ def run(s: RealSettings, work: Path, log=print) -> dict:
     trunk = Trunk(backbone, s.top_layers)
     splits = {}
     for noise in s.noise_levels:
-        train, evals, counts, *_ = load_pairs(s, work, noise)
+        train, evals, counts, *_ = load_pairs(s, noise)
         train, long_train = tokenize_pairs(train, tokenizer, args.max_length)
         evals = {k: tokenize_pairs(v, tokenizer, args.max_length)[0] for k, v in evals.items()}
         splits[noise] = (train, evals)
         results.setdefault("pairs", {"train": counts["spoken"], "truncated_train": long_train,
                                      **{k: len(v) for k, v in evals.items()}})
-    requests, responses, gold = bon_samples(s, work)
+    requests, responses, gold = bon_samples(s)
     scorer = RewardScorer(None, tokenizer, max_length=args.max_length, chat=True)
     bon_ids = scorer.encode_all([q for q, rs in zip(requests, responses) for _ in rs],
                                 [r for rs in responses for r in rs])
@@ -421,7 +421,7 @@ def main(argv=None) -> dict:
     work = Path(opts.work or f"outputs/bench-real/{s.name}")
     work.mkdir(parents=True, exist_ok=True)
     if opts.sample_only:
-        (work / "sampling.json").write_text(json.dumps(sample(s, work), indent=1))
+        (work / "sampling.json").write_text(json.dumps(sample(s), indent=1))
         return {}
     started, t0 = datetime.datetime.now().astimezone(), time.perf_counter()
     results = {"form": s.name, "settings": s.to_dict(), "confidence": CONFIDENCE,

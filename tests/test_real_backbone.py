@@ -99,8 +99,7 @@ def test_section_runs_end_to_end_on_the_tiny_policy(tmp_path):
 
     bon = real["bon"]
     requests = spoken.first_requests("test_id", 0, 3)
-    cache = spoken.SpokenWorld(real_backbone.data_config(s, tmp_path / "work", spoken_samples=4,
-                                                         spoken_pairs_per_prompt=1)[0])
+    cache = spoken.SpokenWorld(real_backbone.data_config(s, spoken_samples=4, spoken_pairs_per_prompt=1)[0])
     gold = [[world.gold_reward(q, r) for r in cache.responses("test_id", i)] for i, q in enumerate(requests)]
     assert bon["ceiling"][1] == pytest.approx(sum(map(sum, gold)) / 12)          # n = 1: the mean sample
     assert bon["ceiling"][4] == pytest.approx(sum(map(max, gold)) / 3)           # n = N: the best sample
