@@ -360,10 +360,12 @@ def run(s: RealSettings, work: Path, log=print) -> dict:
     pad_id = tokenizer.pad_token_id
     trunk = Trunk(backbone, s.top_layers)
     splits = {}
+    evals = None
     for noise in s.noise_levels:
-        train, evals, counts, *_ = load_pairs(s, noise)
+        train, held_out, counts, *_ = load_pairs(s, noise)
         train, long_train = tokenize_pairs(train, tokenizer, args.max_length)
-        evals = {k: tokenize_pairs(v, tokenizer, args.max_length)[0] for k, v in evals.items()}
+        if evals is None:  # the held-out splits are the same at every noise level: tokenised once
+            evals = {k: tokenize_pairs(v, tokenizer, args.max_length)[0] for k, v in held_out.items()}
         splits[noise] = (train, evals)
         results.setdefault("pairs", {"train": counts["spoken"], "truncated_train": long_train,
                                      **{k: len(v) for k, v in evals.items()}})
