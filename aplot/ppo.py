@@ -39,7 +39,7 @@ class APLOTPPOConfig(PolicyStageConfig, PPOConfig):
 
     value_model_path: str | None = field(default=None, metadata={
         "help": "Where the value model starts; unset, from the reward model (from the policy when "
-                "retokenize_rewards is on, since the value model reads the policy's tokens)."})
+                "their tokenizers differ, since the value model reads the policy's tokens)."})
 
     def __post_init__(self):
         from aplot.config import MAX_BATCH, MAX_ITERS, MAX_STEPS, MAX_TOKENS, check_range

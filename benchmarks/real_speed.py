@@ -18,7 +18,8 @@ from pathlib import Path
 
 
 def measure(preset: str, recipe: str, step_steps: int, score_sequences: int, gen_prompts: int, gen_n: int,
-            gen_tokens: int, repeats: int, work: Path, lineage_dir: str | None = None, log=print) -> dict:
+            gen_tokens: int, repeats: int, work: Path, lineage_dir: str | None = None, step_batch: int = 0,
+            log=print) -> dict:
     import torch
 
     from aplot.config import parse_rm_recipe
@@ -32,9 +33,9 @@ def measure(preset: str, recipe: str, step_steps: int, score_sequences: int, gen
     result = {"preset": preset, "path": path, "recipe": recipe, "torch_threads": torch.get_num_threads()}
 
     t = time.perf_counter()
-    # the recipe's own model (the preset's weights) and batch size
+    # the recipe's own model (the preset's weights) and, unless told, its batch size
     result["step"] = step_time.main(["--recipe", recipe, "--steps", str(step_steps), "--warmup", "2",
-                                     "--batch", str(args.per_device_train_batch_size)])
+                                     "--batch", str(step_batch or args.per_device_train_batch_size)])
     result["step"]["seconds"] = round(time.perf_counter() - t, 1)
     log(f"{preset}: APLOT/BT step {result['step']['aplot_over_bt']:.3f}")
 
@@ -76,6 +77,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", default="smollm2-135m-instruct")
     parser.add_argument("--recipe", default=None, help="default: recipes/rm/<preset>.yaml")
     parser.add_argument("--step_steps", type=int, default=6, help="measured training steps per loss")
+    parser.add_argument("--step_batch", type=int, default=0,
+                        help="pairs per training step (0: the recipe's); smaller where two trainers do not fit")
     parser.add_argument("--score_sequences", type=int, default=256)
     parser.add_argument("--gen_prompts", type=int, default=8, help="0: no vLLM/transformers measurement")
     parser.add_argument("--gen_n", type=int, default=16)
@@ -88,7 +91,7 @@ def main(argv=None) -> dict:
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     result = measure(opts.preset, opts.recipe or f"recipes/rm/{opts.preset}.yaml", opts.step_steps,
                      opts.score_sequences, opts.gen_prompts, opts.gen_n, opts.gen_tokens, opts.repeats,
-                     Path(opts.work), opts.lineage_dir)
+                     Path(opts.work), opts.lineage_dir, opts.step_batch)
     result.update(started=started, wall_seconds=round(time.perf_counter() - t0, 1), targets=TARGETS,
                   environment=environment(),
                   peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))

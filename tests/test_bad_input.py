@@ -253,19 +253,28 @@ def test_bon_refuses_bad_input_before_sampling(tmp_path, bad_models, data, case,
     assert not (out / "samples.jsonl").exists()
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes through any permission bits")
-def test_read_only_output_directory_is_refused(tmp_path):
+def test_read_only_output_directory_is_refused():
+    """Refused in one line, the earlier run untouched. As root (CI), os.access grants everything: the check runs
+    with an unprivileged real uid (os.access asks as the real uid; files still open as root)."""
     from pipelines import rm
 
-    out = tmp_path / "out"
+    parent = Path(tempfile.mkdtemp())
+    parent.chmod(0o755)  # reachable by any user, so what is refused is `out` itself
+    out = parent / "out"
     before = earlier_run(out)
     out.chmod(0o555)
+    root = os.geteuid() == 0
     try:
+        if root:
+            os.setresuid(65534, 0, 0)  # nobody, effective root kept so that imports and reads still work
         with pytest.raises(UserError, match=f"^output directory is not writable: {out}$"):
             rm.main(["--config", "recipes/rm/embedded.yaml", "--output_dir", str(out)])
     finally:
+        if root:
+            os.setresuid(0, 0, 0)
         out.chmod(0o755)
     assert snapshot(out) == before
+    shutil.rmtree(parent)
 
 
 @pytest.mark.slow

@@ -11,12 +11,30 @@ from benchmarks import quality, report, run, step_time
 from benchmarks.settings import FULL, QUICK
 
 
+def test_a_step_target_is_met_or_missed_only_when_its_interval_is_on_one_side():
+    step = {"aplot_over_bt": 1.0, "aplot_over_bt_mean": 1.0}
+    assert report.step_verdict({**step, "aplot_over_bt_mean_ci95": [0.99, 1.005]}, 1.01).startswith("met (")
+    assert report.step_verdict({**step, "aplot_over_bt_mean_ci95": [1.02, 1.05]}, 1.01).startswith("**not met**")
+    assert report.step_verdict({**step, "aplot_over_bt_mean_ci95": [0.9, 1.1]}, 1.01) == (
+        "not shown either way (mean 1.000, 95 % interval 0.900-1.100, which contains 1.01)")
+    assert report.step_verdict({"aplot_over_bt": 1.054}, 1.01) == "**not met**"  # an entry from before the interval
+    assert report.step_verdict({"aplot_over_bt": 1.054}, 1.01, "cpu_aplot_over_bt_mean") is None
+    cpu = {"cpu_aplot_over_bt_mean": 1.001, "cpu_aplot_over_bt_mean_ci95": [0.995, 1.007]}
+    assert report.step_verdict(cpu, 1.01, "cpu_aplot_over_bt_mean") == "met (mean 1.001, 95 % interval 0.995-1.007)"
+
+
 def test_step_time_benchmark_reports_the_ratio_of_its_medians():
     result = step_time.main(["--steps", "4", "--warmup", "1", "--batch", "4", "--threads", "1"])
     assert result["steps"] == 4 and result["pairs_per_step"] == 4 and result["threads"] == 1
     assert result["bt_step_ms"] > 0 and result["aplot_step_ms"] > 0 and result["ot_solve_ms"] > 0
     low, high = result["aplot_over_bt_iqr"]
     assert low <= result["aplot_over_bt"] <= high
+    low, high = result["aplot_over_bt_mean_ci95"]  # over two pairs of steps, each pair one in either order
+    assert result["order_balanced_pairs"] == 2 and low < result["aplot_over_bt_mean"] < high
+    low, high = result["cpu_aplot_over_bt_mean_ci95"]
+    assert low <= result["cpu_aplot_over_bt_mean"] <= high and len(result["aplot_cpu_ms"]) == 4
+    assert len(result["bt_ms"]) == len(result["aplot_ms"]) == 4 and set(result["aplot_over_bt_by_first"]) == {
+        "bt_first", "aplot_first"}
     assert result["ot_solve_share_of_aplot_step"] == pytest.approx(
         result["ot_solve_ms"] / result["aplot_step_ms"])
 

@@ -297,20 +297,6 @@ def test_a_killed_import_is_redone_cleanly(imported, tmp_path):
     assert snapshot(lin / MINILM) == snapshot(imported[MINILM])  # the same directory as an uninterrupted import
 
 
-@pytest.mark.slow
-def test_vllm_serves_the_imported_checkpoint(imported):
-    from transformers import AutoTokenizer
-
-    from aplot.bon import VLLMSampler
-
-    out = imported[SMOL]
-    prompt = AutoTokenizer.from_pretrained(out).apply_chat_template(CONVERSATIONS[0], tokenize=False,
-                                                                    add_generation_prompt=True)
-    sampler = VLLMSampler(out)
-    (greedy,) = sampler.sample([prompt], [0], 1, {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 12}, 0)
-    assert "Paris" in greedy[0], greedy
-
-
 def test_a_plan_reads_the_imported_directory_and_never_imports(imported, tmp_path):
     from aplot.plan import resolve_model
 

@@ -279,19 +279,26 @@ def test_minilm_encoder_reward_model_reads_its_cls_token_and_keeps_it_when_trunc
 
 @pytest.mark.slow
 def test_vllm_samples_from_the_imported_smollm2_directory(smol, smol_rm, tmp_path):
+    """The Best-of-N stage with vLLM on the imported instruct policy: nearly greedy (top_p 0.01), it answers
+    a question it knows, so the weights vLLM read are the checkpoint's; the reward model also serves as gold."""
     rm_dir = tmp_path / "rm"
     smol_rm.model.save_pretrained(rm_dir)
     smol.tokenizer.save_pretrained(rm_dir)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"chosen": [*question, {"role": "assistant", "content": "Paris."}],
+                                   "rejected": [*question, {"role": "assistant", "content": "Lyon."}]}) + "\n")
     recipe = tmp_path / "bon.yaml"
     recipe.write_text(yaml.safe_dump({
-        "policy_name_or_path": smol.path, "reward_models": [str(rm_dir)], "prompt_format": "conversational",
-        "n_prompts": 2, "n_samples": 2, "backend": "vllm", "max_new_tokens": 12, "score_batch_size": 4,
-        "output_dir": str(tmp_path / "bon")}))
+        "policy_name_or_path": smol.path, "reward_models": [str(rm_dir)], "gold": str(rm_dir),
+        "prompt_dataset": str(prompts), "prompt_format": "conversational", "prompt_split": "train",
+        "n_prompts": 1, "n_samples": 2, "backend": "vllm", "top_p": 0.01, "max_new_tokens": 12,
+        "score_batch_size": 4, "output_dir": str(tmp_path / "bon")}))
     done = subprocess.run([sys.executable, "-m", "pipelines.bon", "--config", str(recipe)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     samples = [json.loads(line) for line in (tmp_path / "bon" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 and all(s["response"].strip() for s in samples)  # the instruct model answers
+    assert len(samples) == 2 and all("Paris" in s["response"] for s in samples), samples
 
 
 @pytest.mark.slow
