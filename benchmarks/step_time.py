@@ -86,8 +86,8 @@ def measure(opts):
     batches = list(trainers["bt"].get_train_dataloader())
 
     times = {name: [] for name in trainers}
-    # CPU time too: it does not count the time a shared machine's other work (or its hypervisor) takes the
-    # cores away, which makes several-second wall-clock steps vary by a fifth
+    # CPU time too, which leaves out time that other work (or a hypervisor) takes the cores for: where the two
+    # intervals disagree, the machine was shared; where they agree, the spread is in the work itself
     cpu = {name: [] for name in trainers}
     began = time.perf_counter()
     for step, batch in enumerate(batches):
