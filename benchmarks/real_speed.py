@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from aplot.config import MAX_BATCH, check_range
+from aplot.errors import run_pipeline
+
 
 def measure(preset: str, recipe: str, step_steps: int, score_sequences: int, gen_prompts: int, gen_n: int,
             gen_tokens: int, repeats: int, work: Path, lineage_dir: str | None = None, step_batch: int = 0,
@@ -88,6 +91,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", default="outputs/bench-speed-real")
     parser.add_argument("--lineage_dir", default=None, help="where the preset is imported (default: the recipe's)")
     opts = parser.parse_args(argv)
+    check_range("--step_batch", opts.step_batch, low=0, high=MAX_BATCH, hint=" (0: the recipe's batch)")
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     result = measure(opts.preset, opts.recipe or f"recipes/rm/{opts.preset}.yaml", opts.step_steps,
                      opts.score_sequences, opts.gen_prompts, opts.gen_n, opts.gen_tokens, opts.repeats,
@@ -103,4 +107,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":  # vLLM starts its workers with spawn: the guard keeps them from rerunning this
-    main()
+    run_pipeline(main)  # a bad flag or recipe: one line, exit 2

@@ -4,10 +4,12 @@ SmolLM2 and the tiny embedded architecture; and the section runs end to end on t
 tables that obey the gold ceiling and a report that states its verdicts."""
 
 import json
+import re
 
 import pytest
 import torch
 
+from aplot.errors import UserError
 from benchmarks import real_backbone, report
 from tests.conftest import make_preset
 
@@ -59,7 +61,6 @@ def test_split_smollm2_scores_what_the_whole_model_scores():
 
 
 def test_split_tiny_model_scores_what_the_whole_model_scores_and_bad_splits_fail_in_one_line(tmp_path):
-    from aplot.errors import UserError
     from aplot.lineage import policy_path
 
     path = policy_path(make_preset(tmp_path), str(tmp_path / "lineage"))
@@ -135,3 +136,14 @@ def test_speed_ratios_on_a_preset_reach_the_report(tmp_path):
     assert list(entries) == ["tiny-fast"]
     text = "\n".join(report.render_real_speed(entries))
     assert "`tiny-fast`" in text and "target <= 1.01" in text and "not measured" in text
+
+
+@pytest.mark.parametrize("batch, message", [("-1", ">= 0 (0: the recipe's batch), got -1"),
+                                            ("100000000", "<= 65536, got 100000000")])
+def test_a_bad_step_batch_is_one_line_before_any_work(tmp_path, batch, message):
+    from benchmarks import real_speed
+
+    with pytest.raises(UserError, match=re.escape(f"--step_batch must be {message}")):
+        real_speed.main(["--step_batch", batch, "--results", str(tmp_path / "results")])
+    assert not (tmp_path / "results").exists()
+
